@@ -1,0 +1,111 @@
+"""Message shapes exchanged between the server, the broker and node agents.
+
+Standard library only. Every shape is a frozen dataclass with ``to_dict`` /
+``from_dict``; unknown keys are ignored on input so that either side may be
+upgraded first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Self
+
+OUTPUT_FORMATS = ("PNG", "OPEN_EXR", "JPEG")
+"""Image formats a job may ask for (Blender's ``ImageFormatSettings.file_format`` names)."""
+OUTPUT_EXTENSIONS = {"PNG": ".png", "OPEN_EXR": ".exr", "JPEG": ".jpg"}
+ENGINES = ("CYCLES", "BLENDER_EEVEE", "BLENDER_WORKBENCH")
+"""Render engines a job may ask for (``RenderSettings.engine`` names in Blender 5)."""
+
+TASK_QUEUE = "renderfarm.tasks"
+"""Broker queue that holds one :class:`TaskMessage` per task to render."""
+
+EVENT_PREFIX = "@@renderfarm "
+"""Prefix of the JSON event lines the render script prints on stdout."""
+
+
+class _Shape:
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class TaskMessage(_Shape):
+    """What the broker carries for one task: only ids; the agent claims the rest."""
+
+    task_id: str
+    job_id: str
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class RenderParams(_Shape):
+    """Parameters of one task's render, written as JSON for the render script.
+
+    Paths are absolute paths on the agent. ``frames`` are Blender frame numbers
+    (may be negative). ``None`` means "keep what the .blend says".
+    """
+
+    blend_file: str
+    output_dir: str
+    manifest_path: str
+    frames: list[int]
+    scene: str | None = None
+    camera: str | None = None
+    engine: str | None = None
+    samples: int | None = None
+    resolution_percentage: int | None = None
+    resolution_x: int | None = None
+    resolution_y: int | None = None
+    output_format: str | None = "PNG"
+
+
+@dataclass(frozen=True)
+class TaskSpec(_Shape):
+    """What the server hands an agent that claimed a task (``POST .../claim``).
+
+    ``model_url`` is a URL (relative to the server) the agent fetches the input
+    from; ``model_kind`` is ``"blend"`` or ``"zip"``; for a zip, ``model_main``
+    is the path of the .blend to open inside it.
+    """
+
+    task_id: str
+    job_id: str
+    lease_id: str
+    frames: list[int]
+    model_sha256: str
+    model_kind: str
+    model_url: str
+    model_main: str | None = None
+    scene: str | None = None
+    camera: str | None = None
+    engine: str | None = None
+    samples: int | None = None
+    resolution_percentage: int | None = None
+    resolution_x: int | None = None
+    resolution_y: int | None = None
+    output_format: str = "PNG"
+    timeout_s: float = 3600.0
+    stall_timeout_s: float = 600.0
+    heartbeat_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class TaskResult(_Shape):
+    """What an agent reports when an attempt ends (``POST .../result``).
+
+    ``status`` is ``"completed"`` or ``"failed"``; ``log_tail`` holds the last
+    log lines (at most 50); ``missing_frames`` names frames the manifest
+    promised and that were not stored.
+    """
+
+    lease_id: str
+    status: str
+    message: str = ""
+    log_tail: list[str] = field(default_factory=list)
+    missing_frames: list[int] = field(default_factory=list)
+    render_seconds: float = 0.0
