@@ -1,0 +1,1 @@
+"""The ``renderfarm`` command line: run the farm, submit jobs, follow and download them."""

@@ -1,0 +1,150 @@
+"""An async client of the renderfarm REST API, used by the CLI (and the benchmark)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+FINISHED = ("completed", "failed", "canceled")
+
+
+class ClientError(Exception):
+    """An API call failed; the message is the server's (naming the field at fault) or the connection error."""
+
+    def __init__(self, message: str, status: int = 0, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.field = field
+
+
+class FarmClient:
+    """Talks to one server. Use as ``async with FarmClient(url) as c: ...``.
+
+    Args:
+        server: base URL, e.g. ``http://127.0.0.1:3000``.
+    """
+
+    def __init__(self, server: str) -> None:
+        self.server = server.rstrip("/")
+        self._http: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> FarmClient:
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._http:
+            await self._http.close()
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        """The open HTTP session."""
+        if self._http is None:
+            raise RuntimeError("use FarmClient as an async context manager")
+        return self._http
+
+    async def _json(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            async with self.http.request(method, self.server + path, **kw) as resp:
+                try:
+                    body = await resp.json(content_type=None)
+                except ValueError:
+                    body = None
+                if resp.status >= 400:
+                    err = (body or {}).get("error", {}) if isinstance(body, dict) else {}
+                    raise ClientError(
+                        err.get("message") or f"HTTP {resp.status}", resp.status, err.get("field")
+                    )
+                return body
+        except aiohttp.ClientConnectionError as exc:
+            raise ClientError(f"cannot reach the server at {self.server}: {exc}") from exc
+
+    async def upload_model(
+        self, path: Path, main: str | None = None, progress: Callable[[int], None] | None = None
+    ) -> dict[str, Any]:
+        """Stream a .blend or .zip to ``POST /api/models``; ``progress`` gets bytes sent so far."""
+
+        async def body() -> AsyncIterator[bytes]:
+            sent = 0
+            with open(path, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    sent += len(chunk)
+                    if progress:
+                        progress(sent)
+                    yield chunk
+
+        params = {"filename": path.name}
+        if main:
+            params["main"] = main
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(path.stat().st_size)}
+        return await self._json("POST", "/api/models", params=params, data=body(), headers=headers)
+
+    async def create_job(self, **fields: Any) -> dict[str, Any]:
+        """``POST /api/jobs``; ``None`` values are left out."""
+        return await self._json("POST", "/api/jobs", json={k: v for k, v in fields.items() if v is not None})
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        """``GET /api/jobs/{id}``."""
+        return await self._json("GET", f"/api/jobs/{job_id}")
+
+    async def tasks(self, job_id: str) -> list[dict[str, Any]]:
+        """``GET /api/jobs/{id}/tasks``."""
+        return (await self._json("GET", f"/api/jobs/{job_id}/tasks"))["tasks"]
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        """``POST /api/jobs/{id}/cancel``."""
+        return await self._json("POST", f"/api/jobs/{job_id}/cancel")
+
+    async def outputs(self, job_id: str) -> dict[str, Any]:
+        """``GET /api/jobs/{id}/outputs``."""
+        return await self._json("GET", f"/api/jobs/{job_id}/outputs")
+
+    async def wait(
+        self, job_id: str, on_update: Callable[[dict[str, Any]], None] | None = None, poll_s: float = 0.5
+    ) -> dict[str, Any]:
+        """Poll the job until it finishes; returns its final summary."""
+        while True:
+            job = await self.job(job_id)
+            if on_update:
+                on_update(job)
+            if job["state"] in FINISHED:
+                return job
+            await asyncio.sleep(poll_s)
+
+    async def download(self, job_id: str, dest: Path) -> list[Path]:
+        """Download every stored frame into ``dest`` (checked against its SHA-256); returns the paths.
+
+        Each file is written under a temp name and renamed once whole, so an
+        interrupted download leaves no half-written frame.
+        """
+        dest.mkdir(parents=True, exist_ok=True)
+        out = await self.outputs(job_id)
+        paths: list[Path] = []
+        for f in out["frames"]:
+            name = Path(f["filename"]).name
+            target = dest / name
+            tmp = dest / f".{name}.part"
+            h = hashlib.sha256()
+            try:
+                async with self.http.get(self.server + f["url"]) as resp:
+                    if resp.status != 200:
+                        raise ClientError(
+                            f"download of frame {f['frame']} failed: HTTP {resp.status}", resp.status
+                        )
+                    with open(tmp, "wb") as fh:
+                        async for chunk in resp.content.iter_chunked(1 << 20):
+                            h.update(chunk)
+                            fh.write(chunk)
+                if h.hexdigest() != f["sha256"]:
+                    raise ClientError(f"frame {f['frame']} arrived corrupted (SHA-256 mismatch)")
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+            paths.append(target)
+        return paths

@@ -1,0 +1,102 @@
+"""Run the whole embedded farm in one process: API, scheduler and N local node agents."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from node_agent.agent import NodeAgent
+from node_agent.executor.base import BlenderRun
+from node_agent.executor.local import LocalExecutor
+from server.app import create_app
+from server.config import Settings
+from server.context import FarmContext
+from templates import template_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunningFarm:
+    """A farm started by :func:`running_farm`: its URL and context."""
+
+    url: str
+    ctx: FarmContext
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """An unused TCP port on ``host``."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def running_farm(
+    settings: Settings, host: str = "127.0.0.1", port: int = 3000, agents: int = 1
+) -> AsyncIterator[RunningFarm]:
+    """Start the API, the scheduler and ``agents`` local node agents; stop them all on exit.
+
+    Raises:
+        ValueError: naming a backend URL that cannot be used.
+        OSError: when the port is taken.
+    """
+    ctx = FarmContext.from_settings(settings)
+    app = create_app(ctx)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"  # noqa: S104
+        node_tasks = []
+        for i in range(agents):
+            agent = NodeAgent(
+                url,
+                ctx.agent_token,
+                ctx.broker,
+                settings.data_dir / "agents" / f"agent-{i + 1}",
+                LocalExecutor(settings.blender),
+                name=f"{socket.gethostname()}-local-{i + 1}",
+            )
+            node_tasks.append(asyncio.create_task(agent.run(), name=f"agent-{i + 1}"))
+        try:
+            yield RunningFarm(url, ctx)
+        finally:
+            for t in node_tasks:
+                t.cancel()
+            for t in node_tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+    finally:
+        await runner.cleanup()
+
+
+async def make_sample_scene(path: Path, blender: str | None = None) -> Path:
+    """Generate the bundled animated demo scene (24 frames, 320x240, Cycles 16 samples) at ``path``.
+
+    Raises:
+        RuntimeError: with Blender's last log lines when generation fails.
+    """
+    path = path.resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    outcome = await LocalExecutor(blender).run(
+        BlenderRun(
+            script=template_path("sample_scene.py"),
+            args=[str(path)],
+            cwd=path.parent,
+            timeout_s=300,
+            stall_timeout_s=120,
+        ),
+        on_line=lambda _line: None,
+    )
+    if not outcome.ok or not path.is_file():
+        raise RuntimeError("could not generate the sample scene:\n" + "\n".join(outcome.log_tail[-10:]))
+    return path

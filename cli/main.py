@@ -1,0 +1,326 @@
+"""``renderfarm``: the command line (click + rich).
+
+Exit status: 0 success; 1 the job failed or was canceled (the reason is printed);
+2 bad usage or a request the server refused (the server's message is printed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from cli.client import ClientError, FarmClient
+
+console = Console(stderr=True)
+DEFAULT_SERVER = os.environ.get("RENDERFARM_SERVER", "http://127.0.0.1:3000")
+DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "renderfarm"
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    sys.exit(code)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log what the server and agents do.")
+def main(verbose: bool) -> None:
+    """Render farm for Blender."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _settings(data_dir: Path, blender: str | None) -> Any:
+    from server.config import Settings
+
+    return Settings(data_dir=data_dir, blender=blender)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=3000, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_DATA_DIR,
+    show_default=True,
+    help="Database, storage and agent work folders.",
+)
+@click.option("--agents", default=1, show_default=True, type=click.IntRange(0, 64), help="Local node agents.")
+@click.option(
+    "--blender", default=None, help="Blender binary (default: blender on PATH, else the bpy module)."
+)
+def up(host: str, port: int, data_dir: Path, agents: int, blender: str | None) -> None:
+    """Start the whole farm in one process: API, scheduler and local node agents."""
+    from cli.farm import running_farm
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with running_farm(_settings(data_dir, blender), host, port, agents) as farm:
+            console.print(
+                f"renderfarm is up at [bold]{farm.url}[/] with {agents} local agent(s); "
+                f"data in {data_dir}. Ctrl-C stops it.",
+                highlight=False,
+            )
+            await stop.wait()
+        console.print("renderfarm stopped")
+
+    try:
+        asyncio.run(serve())
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _render_options(f: Any) -> Any:
+    opts = [
+        click.option("--frames", required=True, help="Frame spec: 7, 1-10, 1-10,20-25, 1-99x2, -5-5."),
+        click.option(
+            "--chunk", default=1, show_default=True, type=click.IntRange(1, 10_000), help="Frames per task."
+        ),
+        click.option("--scene", default=None, help="Scene to render (default: the file's active scene)."),
+        click.option("--camera", default=None, help="Camera object to render from."),
+        click.option(
+            "--engine", type=click.Choice(["CYCLES", "BLENDER_EEVEE", "BLENDER_WORKBENCH"]), default=None
+        ),
+        click.option("--samples", type=click.IntRange(1), default=None),
+        click.option(
+            "--resolution",
+            "resolution_percentage",
+            type=click.IntRange(1, 1000),
+            default=None,
+            help="Resolution percentage.",
+        ),
+        click.option(
+            "--format",
+            "output_format",
+            type=click.Choice(["PNG", "OPEN_EXR", "JPEG"]),
+            default="PNG",
+            show_default=True,
+        ),
+        click.option("--priority", type=click.IntRange(-100, 100), default=0, show_default=True),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_render_options
+@click.option("--main", "main_blend", default=None, help="The .blend to open inside a .zip package.")
+@click.option("--server", default=DEFAULT_SERVER, show_default=True)
+@click.option("--wait", is_flag=True, help="Follow the job until it finishes.")
+@click.option(
+    "--download",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Download the frames here when the job completes (implies --wait).",
+)
+def submit(
+    file: Path, main_blend: str | None, server: str, wait: bool, download: Path | None, **job: Any
+) -> None:
+    """Upload FILE (.blend or .zip) and submit a job rendering it."""
+    code = asyncio.run(_submit(file, main_blend, server, wait or download is not None, download, job))
+    sys.exit(code)
+
+
+async def _submit(
+    file: Path, main_blend: str | None, server: str, wait: bool, download: Path | None, job: dict[str, Any]
+) -> int:
+    async with FarmClient(server) as c:
+        try:
+            size = file.stat().st_size
+            with _progress() as p:
+                t = p.add_task(f"upload {file.name}", total=size)
+                model = await c.upload_model(file, main_blend, progress=lambda n: p.update(t, completed=n))
+            job["chunk_size"] = job.pop("chunk")
+            created = await c.create_job(model_id=model["id"], **job)
+        except ClientError as exc:
+            _fail(f"{exc} (field: {exc.field})" if exc.field else str(exc))
+        console.print(
+            f"job [bold]{created['id']}[/]: {created['frame_count']} frame(s) in "
+            f"{created['task_count']} task(s)",
+            highlight=False,
+        )
+        print(created["id"])
+        if not wait:
+            return 0
+        return await _follow(c, created["id"], download)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+async def _follow(c: FarmClient, job_id: str, download: Path | None) -> int:
+    try:
+        with _progress() as p:
+            t = p.add_task("render", total=None)
+
+            def update(j: dict[str, Any]) -> None:
+                p.update(
+                    t,
+                    total=j["frame_count"],
+                    completed=j["frames_done"],
+                    description=f"render [{j['state']}]",
+                )
+
+            final = await c.wait(job_id, update)
+        if final["state"] != "completed":
+            _fail(f"job {job_id} {final['state']}: {final['message']}", code=1)
+        console.print(f"job {job_id} completed: {final['frames_done']} frame(s)", highlight=False)
+        if download is not None:
+            paths = await c.download(job_id, download)
+            console.print(f"{len(paths)} frame(s) in {download.resolve()}", highlight=False)
+        return 0
+    except ClientError as exc:
+        _fail(str(exc))
+    return 2
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--server", default=DEFAULT_SERVER, show_default=True)
+@click.option("--wait", is_flag=True, help="Follow the job until it finishes.")
+def status(job_id: str, server: str, wait: bool) -> None:
+    """Show a job's state, progress and tasks."""
+
+    async def run() -> int:
+        async with FarmClient(server) as c:
+            try:
+                if wait:
+                    return await _follow(c, job_id, None)
+                j = await c.job(job_id)
+                tasks = await c.tasks(job_id)
+            except ClientError as exc:
+                _fail(str(exc))
+            console.print(
+                f"job {j['id']} [bold]{j['state']}[/] {j['progress']}% "
+                f"({j['frames_done']}/{j['frame_count']} frames) {j['message']}",
+                highlight=False,
+            )
+            for t in tasks:
+                console.print(
+                    f"  task {t['index']:>4} {t['state']:<10} frames {t['frames']} "
+                    f"{t['agent'] or ''} {t['message']}",
+                    highlight=False,
+                )
+            return 1 if j["state"] in ("failed", "canceled") else 0
+
+    sys.exit(asyncio.run(run()))
+
+
+@main.command()
+@click.argument("job_id")
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--server", default=DEFAULT_SERVER, show_default=True)
+def download(job_id: str, dest: Path, server: str) -> None:
+    """Download a job's stored frames into DEST."""
+
+    async def run() -> None:
+        async with FarmClient(server) as c:
+            try:
+                paths = await c.download(job_id, dest)
+            except ClientError as exc:
+                _fail(str(exc))
+        console.print(f"{len(paths)} frame(s) in {dest.resolve()}", highlight=False)
+
+    asyncio.run(run())
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--server", default=DEFAULT_SERVER, show_default=True)
+def cancel(job_id: str, server: str) -> None:
+    """Cancel a job."""
+
+    async def run() -> None:
+        async with FarmClient(server) as c:
+            try:
+                j = await c.cancel(job_id)
+            except ClientError as exc:
+                _fail(str(exc))
+        console.print(f"job {j['id']} {j['state']}", highlight=False)
+
+    asyncio.run(run())
+
+
+@main.command("sample-scene")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--blender", default=None, help="Blender binary (default: blender on PATH, else the bpy module)."
+)
+def sample_scene(out: Path, blender: str | None) -> None:
+    """Write the bundled animated demo scene (24 frames) to OUT."""
+    from cli.farm import make_sample_scene
+
+    try:
+        path = asyncio.run(make_sample_scene(out, blender))
+    except RuntimeError as exc:
+        _fail(str(exc))
+    console.print(f"sample scene written to {path}", highlight=False)
+
+
+@main.command()
+@click.option(
+    "--dir",
+    "workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("renderfarm-demo"),
+    show_default=True,
+    help="Where the demo keeps everything.",
+)
+@click.option("--frames", default="1-4", show_default=True)
+@click.option("--chunk", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--agents", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.option(
+    "--blender", default=None, help="Blender binary (default: blender on PATH, else the bpy module)."
+)
+def demo(workdir: Path, frames: str, chunk: int, agents: int, blender: str | None) -> None:
+    """Start the embedded farm, render the bundled sample scene, download the frames, stop."""
+    from cli.farm import free_port, make_sample_scene, running_farm
+
+    async def run() -> int:
+        console.print("generating the sample scene ...")
+        scene = await make_sample_scene(workdir / "sample_scene.blend", blender)
+        async with running_farm(
+            _settings(workdir / "farm", blender), port=free_port(), agents=agents
+        ) as farm:
+            console.print(
+                f"farm up at {farm.url}; submitting frames {frames} in chunks of {chunk}", highlight=False
+            )
+            return await _submit(
+                scene,
+                None,
+                farm.url,
+                True,
+                workdir / "frames",
+                {"frames": frames, "chunk": chunk, "output_format": "PNG"},
+            )
+
+    code = asyncio.run(run())
+    if code == 0:
+        click.echo(f"frames: {(workdir / 'frames').resolve()}")
+    sys.exit(code)

@@ -1,0 +1,1 @@
+"""The node agent: runs on each render machine, renders tasks in Blender, uploads frames."""

@@ -1,0 +1,365 @@
+"""The node agent: takes task messages from the broker, renders them, uploads frames, reports.
+
+It talks to the server only over HTTP (``/api/agent/...``, Bearer agent token)
+and to the broker through the interface of :mod:`server.broker.base` (any
+object whose ``consume(queue, prefetch)`` yields deliveries with ``body``,
+``ack()`` and ``nack(requeue)``).
+
+One attempt of a task:
+
+1. claim it (``409``: not wanted any more, the message is dropped);
+2. fetch the input into a cache keyed by SHA-256 (verified), unpacking a zip safely;
+3. run the render script in a fresh output folder, heartbeating every
+   ``heartbeat_s`` seconds (a ``409`` on heartbeat means canceled or requeued:
+   Blender is killed and the attempt discarded);
+4. upload each frame as soon as Blender has written it and it decodes as an image;
+5. report ``completed`` or ``failed`` (naming missing frames, with the last 50 log lines),
+   then ack the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+
+from node_agent.executor.base import BlenderRun, Executor, RunOutcome
+from node_agent.inputs import InputCache
+from node_agent.logparse import parse_line
+from node_agent.outputs import check_image
+from protocol.frames import format_frames
+from protocol.messages import OUTPUT_EXTENSIONS, TASK_QUEUE, RenderParams, TaskMessage, TaskSpec
+from templates import template_path
+
+log = logging.getLogger(__name__)
+LOG_TAIL = 50
+
+
+class _Delivery(Protocol):
+    body: bytes
+
+    async def ack(self) -> None: ...
+    async def nack(self, requeue: bool = True) -> None: ...
+
+
+class _Consumer(Protocol):
+    def consume(self, queue: str, prefetch: int = 1) -> AsyncIterator[_Delivery]: ...
+
+
+class ServerError(Exception):
+    """The server answered with an error; ``status`` is the HTTP status (0: unreachable)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class _Attempt:
+    spec: TaskSpec
+    out_dir: Path
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    stale: bool = False
+    current_frame: int | None = None
+    uploaded: set[int] = field(default_factory=set)
+    pending: asyncio.Queue[tuple[int, str]] = field(default_factory=asyncio.Queue)
+    errors: list[str] = field(default_factory=list)
+    log: deque[str] = field(default_factory=lambda: deque(maxlen=LOG_TAIL))
+
+
+class NodeAgent:
+    """One render slot: renders one task at a time.
+
+    Args:
+        server_url: base URL of the API, e.g. ``http://127.0.0.1:3000``.
+        token: the farm's agent token.
+        broker: where task messages come from (see module docstring).
+        work_dir: holds the input cache and one folder per attempt.
+        executor: runs Blender (:class:`node_agent.executor.local.LocalExecutor`).
+        name: shown in the API as the task's agent; defaults to ``<host>-<pid>``.
+    """
+
+    def __init__(
+        self,
+        server_url: str,
+        token: str,
+        broker: _Consumer,
+        work_dir: Path,
+        executor: Executor,
+        name: str | None = None,
+    ) -> None:
+        self.server_url = server_url.rstrip("/")
+        self.token = token
+        self.broker = broker
+        self.work_dir = Path(work_dir)
+        self.executor = executor
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.inputs = InputCache(self.work_dir / "inputs")
+        self._http: aiohttp.ClientSession | None = None
+
+    # ------------------------------------------------------------ loop
+
+    async def run(self) -> None:
+        """Consume task messages until cancelled."""
+        (self.work_dir / "attempts").mkdir(parents=True, exist_ok=True)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120)
+        async with aiohttp.ClientSession(
+            timeout=timeout, headers={"Authorization": f"Bearer {self.token}"}
+        ) as http:
+            self._http = http
+            async for delivery in self.broker.consume(TASK_QUEUE, prefetch=1):
+                await self.handle(delivery)
+
+    async def handle(self, delivery: _Delivery) -> None:
+        """Process one delivery; ack once the server has the result, nack if the server is unreachable."""
+        try:
+            msg = TaskMessage.from_dict(json.loads(delivery.body))
+        except (ValueError, TypeError) as exc:
+            log.error("dropping malformed task message: %s", exc)
+            await delivery.ack()
+            return
+        try:
+            await self.run_task(msg.task_id)
+        except ServerError as exc:
+            if exc.status == 0 or exc.status >= 500:
+                log.warning("server unavailable for task %s (%s); message requeued", msg.task_id, exc)
+                await delivery.nack(requeue=True)
+                await asyncio.sleep(2)
+                return
+            log.info("task %s: %s", msg.task_id, exc)
+        except Exception:
+            log.exception("agent error on task %s", msg.task_id)
+        await delivery.ack()
+
+    # ------------------------------------------------------------ one attempt
+
+    async def run_task(self, task_id: str) -> None:
+        """Claim, render, upload and report one task (see the module docstring)."""
+        try:
+            data = await self._call("POST", f"/api/agent/tasks/{task_id}/claim", json={"agent": self.name})
+        except ServerError as exc:
+            if exc.status == 409:
+                log.info("task %s not wanted any more: %s", task_id, exc.message)
+                return
+            raise
+        spec = TaskSpec.from_dict(data)
+        folder = self.work_dir / "attempts" / f"{task_id}-{spec.lease_id}"
+        attempt = _Attempt(spec=spec, out_dir=folder / "out")
+        attempt.out_dir.mkdir(parents=True)
+        started = time.monotonic()
+        try:
+            outcome, message = await self._render(attempt, folder)
+            if attempt.stale:
+                log.info("task %s: attempt abandoned (canceled or requeued)", task_id)
+                return
+            missing = [f for f in spec.frames if f not in attempt.uploaded]
+            ok = outcome is not None and outcome.ok and not missing
+            status = "completed" if ok else "failed"
+            if not ok and missing and len(missing) < len(spec.frames) and not message:
+                message = "frames missing"
+            await self._call(
+                "POST",
+                f"/api/agent/tasks/{task_id}/result",
+                json={
+                    "lease_id": spec.lease_id,
+                    "status": status,
+                    "message": message if not ok else "",
+                    "log_tail": list(attempt.log),
+                    "missing_frames": missing,
+                    "render_seconds": round(time.monotonic() - started, 3),
+                },
+            )
+        except ServerError as exc:
+            if exc.status == 409:
+                log.info("task %s: lease lost while reporting: %s", task_id, exc.message)
+                return
+            raise
+        finally:
+            await asyncio.to_thread(shutil.rmtree, folder, True)
+
+    async def _render(self, attempt: _Attempt, folder: Path) -> tuple[RunOutcome | None, str]:
+        spec = attempt.spec
+        heart = asyncio.create_task(self._heartbeat(attempt))
+        uploader = asyncio.create_task(self._uploader(attempt))
+        try:
+            try:
+                blend = await self.inputs.fetch(self._http_session(), self.server_url, spec)
+            except Exception as exc:
+                return None, f"could not fetch the input: {exc}"
+            manifest = folder / "manifest.json"
+            params = RenderParams(
+                blend_file=str(blend),
+                output_dir=str(attempt.out_dir),
+                manifest_path=str(manifest),
+                frames=list(spec.frames),
+                scene=spec.scene,
+                camera=spec.camera,
+                engine=spec.engine,
+                samples=spec.samples,
+                resolution_percentage=spec.resolution_percentage,
+                resolution_x=spec.resolution_x,
+                resolution_y=spec.resolution_y,
+                output_format=spec.output_format,
+            )
+            params_path = folder / "params.json"
+            params_path.write_text(json.dumps(params.to_dict()))
+            run = BlenderRun(
+                script=template_path("render_task.py"),
+                args=[str(params_path)],
+                cwd=folder,
+                timeout_s=spec.timeout_s,
+                stall_timeout_s=spec.stall_timeout_s,
+            )
+            error_event: list[str] = []
+
+            def on_line(line: str) -> None:
+                attempt.log.append(line)
+                ev = parse_line(line)
+                if ev is None:
+                    return
+                if ev.kind == "frame_start" and ev.frame is not None:
+                    attempt.current_frame = ev.frame
+                elif ev.kind == "frame_done" and ev.frame is not None and ev.path:
+                    attempt.pending.put_nowait((ev.frame, ev.path))
+                elif ev.kind == "error" and ev.message:
+                    error_event.append(ev.message)
+
+            outcome = await self.executor.run(run, on_line, cancel=attempt.cancel)
+            attempt.log.extend(line for line in outcome.log_tail if line not in attempt.log)
+            # Frames whose marker was missed but that the manifest names and that exist.
+            for frame, path in _read_manifest(manifest).items():
+                if frame in spec.frames and frame not in attempt.uploaded:
+                    attempt.pending.put_nowait((frame, path))
+            attempt.pending.put_nowait((0, ""))  # end marker
+            await uploader
+            return outcome, _describe(outcome, error_event, attempt)
+        finally:
+            heart.cancel()
+            uploader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await heart
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await uploader
+
+    async def _heartbeat(self, attempt: _Attempt) -> None:
+        spec = attempt.spec
+        while True:
+            await asyncio.sleep(spec.heartbeat_s)
+            try:
+                await self._call(
+                    "POST",
+                    f"/api/agent/tasks/{spec.task_id}/heartbeat",
+                    json={"lease_id": spec.lease_id, "current_frame": attempt.current_frame},
+                )
+            except ServerError as exc:
+                if exc.status == 409:
+                    attempt.stale = True
+                    attempt.cancel.set()
+                    return
+                log.warning("heartbeat failed: %s", exc)
+
+    async def _uploader(self, attempt: _Attempt) -> None:
+        spec = attempt.spec
+        ext = OUTPUT_EXTENSIONS.get(spec.output_format, ".png")
+        while True:
+            frame, path = await attempt.pending.get()
+            if not path:
+                return
+            if frame in attempt.uploaded or attempt.stale or frame not in spec.frames:
+                continue
+            file = Path(path)
+            problem = check_image(file, attempt.out_dir, spec.output_format)
+            if problem:
+                attempt.errors.append(f"frame {frame}: {problem}")
+                continue
+            try:
+                with open(file, "rb") as fh:
+                    await self._call(
+                        "PUT",
+                        f"/api/agent/tasks/{spec.task_id}/frames/{frame}",
+                        params={"lease_id": spec.lease_id, "ext": ext},
+                        data=fh,
+                    )
+                attempt.uploaded.add(frame)
+                await asyncio.to_thread(file.unlink, True)
+            except ServerError as exc:
+                if exc.status == 409:
+                    attempt.stale = True
+                    attempt.cancel.set()
+                    return
+                attempt.errors.append(f"frame {frame}: upload failed: {exc}")
+
+    # ------------------------------------------------------------ HTTP
+
+    def _http_session(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            raise RuntimeError("agent is not running")
+        return self._http
+
+    async def _call(self, method: str, path: str, retries: int = 3, **kw: Any) -> Any:
+        """One API call with retries on connection errors and 5xx; raises :class:`ServerError`."""
+        delay = 0.5
+        for attempt in range(retries):
+            try:
+                async with self._http_session().request(method, self.server_url + path, **kw) as resp:
+                    body = await resp.json(content_type=None) if resp.content_length != 0 else {}
+                    if resp.status < 400:
+                        return body
+                    message = (body or {}).get("error", {}).get("message", resp.reason or "")
+                    if resp.status < 500 or attempt == retries - 1:
+                        raise ServerError(resp.status, message)
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                if attempt == retries - 1:
+                    raise ServerError(0, f"server unreachable: {exc}") from exc
+            if "data" in kw and hasattr(kw["data"], "seek"):
+                kw["data"].seek(0)
+            await asyncio.sleep(delay)
+            delay *= 2
+        raise ServerError(0, "unreachable")
+
+
+def _read_manifest(path: Path) -> dict[int, str]:
+    try:
+        data = json.loads(path.read_text())
+        return {int(k): str(v) for k, v in data.get("frames", {}).items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def _describe(outcome: RunOutcome, error_event: list[str], attempt: _Attempt) -> str:
+    """One sentence saying why an attempt failed (empty when it did not)."""
+    missing = [f for f in attempt.spec.frames if f not in attempt.uploaded]
+    parts: list[str] = []
+    if outcome.reason == "timeout":
+        parts.append(f"render timed out after {attempt.spec.timeout_s:g} s")
+    elif outcome.reason == "stalled":
+        parts.append(f"Blender made no progress for {attempt.spec.stall_timeout_s:g} s and was killed")
+    elif outcome.reason == "spawn_failed":
+        parts.append("Blender could not be started: " + (outcome.log_tail[-1] if outcome.log_tail else "?"))
+    elif outcome.reason == "canceled":
+        parts.append("canceled")
+    elif outcome.exit_code not in (0, None):
+        if error_event:
+            parts.append(error_event[-1])
+        elif outcome.exit_code < 0:
+            parts.append(f"Blender was killed by signal {-outcome.exit_code} (crash or out of memory)")
+        else:
+            parts.append(f"Blender exited with code {outcome.exit_code}")
+    if attempt.errors:
+        parts.append("; ".join(attempt.errors[:5]))
+    if missing and (parts or outcome.ok):
+        parts.append(f"frames missing: {format_frames(missing)}")
+    return "; ".join(parts)

@@ -1,0 +1,96 @@
+"""The agent's input cache: each model fetched once, verified by SHA-256, kept read-only."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+import aiohttp
+
+from protocol.messages import TaskSpec
+from server.model_manager.archive import extract_zip
+from server.model_manager.limits import ModelLimits
+
+
+class InputError(Exception):
+    """The input could not be fetched, did not match its hash, or is not safe to unpack."""
+
+
+class InputCache:
+    """Models under ``root/<sha256>/files/``; a ``ready`` marker says a folder is complete.
+
+    Concurrent fetches of the same model in one process share one download.
+    """
+
+    def __init__(self, root: Path, limits: ModelLimits | None = None) -> None:
+        self.root = Path(root)
+        self.limits = limits or ModelLimits()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def fetch(self, http: aiohttp.ClientSession, server_url: str, spec: TaskSpec) -> Path:
+        """Return the path of the .blend to open for ``spec``, downloading the model if needed.
+
+        Raises:
+            InputError: on a download error, a SHA-256 mismatch, an unsafe archive or a
+                main file outside the model's folder.
+        """
+        sha = spec.model_sha256
+        if not sha or any(c not in "0123456789abcdef" for c in sha) or len(sha) != 64:
+            raise InputError(f"bad model hash {sha!r}")
+        folder = self.root / sha
+        async with self._locks.setdefault(sha, asyncio.Lock()):
+            if not (folder / "ready").exists():
+                await self._download(http, server_url + spec.model_url, spec, folder)
+        files = (folder / "files").resolve()
+        main = (files / (spec.model_main or "")).resolve()
+        if not main.is_relative_to(files) or not main.is_file():
+            raise InputError(f"main file {spec.model_main!r} is not inside the model")
+        return main
+
+    async def _download(self, http: aiohttp.ClientSession, url: str, spec: TaskSpec, folder: Path) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=self.root))
+        try:
+            raw = staging / "download"
+            h = hashlib.sha256()
+            try:
+                async with http.get(url) as resp:
+                    if resp.status != 200:
+                        raise InputError(f"download of the model failed: HTTP {resp.status}")
+                    with open(raw, "wb") as fh:
+                        async for chunk in resp.content.iter_chunked(1 << 20):
+                            h.update(chunk)
+                            fh.write(chunk)
+            except aiohttp.ClientError as exc:
+                raise InputError(f"download of the model failed: {exc}") from exc
+            if h.hexdigest() != spec.model_sha256:
+                raise InputError("downloaded model does not match its SHA-256")
+            files = staging / "files"
+            files.mkdir()
+            if spec.model_kind == "zip":
+                await asyncio.to_thread(extract_zip, raw, files, self.limits)
+                raw.unlink()
+            else:
+                name = Path(spec.model_main or "model.blend").name
+                os.replace(raw, files / name)
+            await asyncio.to_thread(_make_read_only, files)
+            (staging / "ready").touch()
+            if folder.exists():
+                await asyncio.to_thread(shutil.rmtree, folder, True)
+            os.replace(staging, folder)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+            raise
+
+
+def _make_read_only(root: Path) -> None:
+    """Blender reads inputs only; make the files read-only so a render cannot change the cache."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            os.chmod(p, stat.S_IRUSR | stat.S_IRGRP)

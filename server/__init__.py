@@ -1,0 +1,1 @@
+"""The renderfarm server: REST API, scheduler, model manager and persistence."""

@@ -1,0 +1,101 @@
+"""``/api/agent/...``: what node agents call. Every call but ``claim`` carries the attempt's lease id."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from aiohttp import web
+
+from protocol.messages import TaskResult
+from server.api.middleware import CTX, parse_body
+from server.api.registry import route
+from server.api.schemas import ClaimRequest, HeartbeatRequest, ResultRequest
+from server.context import FarmContext
+from server.errors import ApiError
+from server.jobs import service
+
+MAX_FRAME_BYTES = 2 << 30
+
+
+@route(
+    "POST",
+    "/api/agent/tasks/{task_id}/claim",
+    permission="agent",
+    body=ClaimRequest,
+    summary="Lease a queued task; returns the render parameters and the input's signed URL",
+)
+async def claim(request: web.Request) -> web.Response:
+    """409 when the task is no longer wanted: the agent drops the message."""
+    ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
+    req = await parse_body(request, ClaimRequest)
+    spec = await service.claim_task(ctx, request.match_info["task_id"], req.agent)
+    return web.json_response(spec.to_dict())
+
+
+@route(
+    "POST",
+    "/api/agent/tasks/{task_id}/heartbeat",
+    permission="agent",
+    body=HeartbeatRequest,
+    summary="Extend the lease; 409 tells the agent to stop (canceled or requeued)",
+)
+async def heartbeat(request: web.Request) -> web.Response:
+    """Keeps the lease alive."""
+    ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
+    req = await parse_body(request, HeartbeatRequest)
+    return web.json_response(
+        await service.heartbeat(ctx, request.match_info["task_id"], req.lease_id, req.current_frame)
+    )
+
+
+@route(
+    "PUT",
+    "/api/agent/tasks/{task_id}/frames/{frame}",
+    permission="agent",
+    request_content="application/octet-stream",
+    query={"lease_id": "the attempt's lease", "ext": ".png, .exr or .jpg"},
+    summary="Upload one rendered frame; stored once per job and frame (201 new, 200 already stored)",
+)
+async def put_frame(request: web.Request) -> web.Response:
+    """The body is the image file."""
+    ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
+    try:
+        frame = int(request.match_info["frame"])
+    except ValueError:
+        raise ApiError(400, "frame must be an integer", "frame") from None
+    lease_id = request.query.get("lease_id", "")
+    fd, name = tempfile.mkstemp(suffix=".part", dir=ctx.settings.tmp_dir)
+    tmp = Path(name)
+    size = 0
+    try:
+        with open(fd, "wb") as fh:
+            while chunk := await request.content.read(1 << 20):
+                size += len(chunk)
+                if size > MAX_FRAME_BYTES:
+                    raise ApiError(413, "frame is larger than 2 GiB", "frame")
+                fh.write(chunk)
+        if size == 0:
+            raise ApiError(400, "frame upload is empty", "frame")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    row, created = await service.store_frame(
+        ctx, request.match_info["task_id"], lease_id, frame, tmp, request.query.get("ext", ".png")
+    )
+    return web.json_response(row, status=201 if created else 200)
+
+
+@route(
+    "POST",
+    "/api/agent/tasks/{task_id}/result",
+    permission="agent",
+    body=ResultRequest,
+    summary="End an attempt: completed (checked against stored frames) or failed with the log tail",
+)
+async def result(request: web.Request) -> web.Response:
+    """The server decides the final state (a 'completed' with frames missing fails)."""
+    ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
+    req = await parse_body(request, ResultRequest)
+    res = TaskResult(**req.model_dump())
+    return web.json_response(await service.finish_task(ctx, request.match_info["task_id"], res))

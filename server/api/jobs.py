@@ -1,0 +1,158 @@
+"""``/api/jobs`` and ``/api/tasks``: submit, list, inspect and cancel jobs."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from sqlalchemy import select
+
+from server.api.middleware import CTX, json_ok, parse_body
+from server.api.registry import route
+from server.api.schemas import JobCreate, JobList, JobSummary, TaskList, TaskOut, TaskStatus
+from server.context import FarmContext
+from server.errors import ApiError, not_found
+from server.jobs import service
+from server.persistence.tables import Job, Task
+
+
+def _iso(dt: object) -> str | None:
+    return dt.isoformat() + "Z" if dt is not None else None  # type: ignore[attr-defined]
+
+
+@route(
+    "POST",
+    "/api/jobs",
+    permission="job:create",
+    summary="Submit a job: a model, a frame spec, a chunk size and render overrides",
+    body=JobCreate,
+    response=JobSummary,
+    status=201,
+)
+async def create_job(request: web.Request) -> web.Response:
+    """Validate and queue a job; its tasks are dispatched by the scheduler."""
+    ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
+    req = await parse_body(request, JobCreate)
+    job = await service.create_job(ctx, req.model_dump())
+    return web.json_response(await service.job_summary(ctx, job.id), status=201)
+
+
+@route(
+    "GET",
+    "/api/jobs",
+    permission="job:read",
+    summary="List jobs, newest first",
+    response=JobList,
+    query={"state": "only jobs in this state", "limit": "at most this many (1-500, default 100)"},
+)
+async def list_jobs(request: web.Request) -> web.Response:
+    """Newest jobs first, optionally filtered by state."""
+    ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        raise ApiError(400, "limit must be an integer", "limit") from None
+    if not 1 <= limit <= 500:
+        raise ApiError(400, "limit must be between 1 and 500", "limit")
+    q = select(Job.id).order_by(Job.created_at.desc()).limit(limit)
+    if state := request.query.get("state"):
+        q = q.where(Job.state == state)
+    async with ctx.db.session() as s:
+        ids = (await s.scalars(q)).all()
+        jobs = [await service.job_summary(ctx, i, s) for i in ids]
+    return web.json_response({"jobs": jobs})
+
+
+@route(
+    "GET",
+    "/api/jobs/{job_id}",
+    permission="job:read",
+    summary="A job's state, task counts by state and progress in percent",
+    response=JobSummary,
+)
+async def get_job(request: web.Request) -> web.Response:
+    """Served from the status cache, falling back to the database."""
+    ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
+    job_id = request.match_info["job_id"]
+    cached = None
+    try:
+        cached = await ctx.cache.get(f"job:{job_id}")
+    except Exception:  # a cache outage must not fail a status read
+        cached = None
+    return web.json_response(cached or await service.job_summary(ctx, job_id))
+
+
+def task_out(t: Task) -> TaskOut:
+    """The API shape of a task row."""
+    return TaskOut(
+        id=t.id,
+        job_id=t.job_id,
+        index=t.index,
+        frames=t.frames,
+        state=t.state,
+        attempts=t.attempts,
+        agent=t.agent,
+        current_frame=t.current_frame,
+        message=t.message,
+        log_tail=t.log_tail or [],
+        render_seconds=t.render_seconds,
+        started_at=_iso(t.started_at),
+        finished_at=_iso(t.finished_at),
+    )
+
+
+@route(
+    "GET",
+    "/api/jobs/{job_id}/tasks",
+    permission="job:read",
+    summary="The tasks of a job with their frames, state, agent and last log lines",
+    response=TaskList,
+)
+async def list_tasks(request: web.Request) -> web.Response:
+    """Every task of the job, in frame order."""
+    ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
+    job_id = request.match_info["job_id"]
+    async with ctx.db.session() as s:
+        if await s.get(Job, job_id) is None:
+            raise not_found("job", job_id)
+        tasks = (await s.scalars(select(Task).where(Task.job_id == job_id).order_by(Task.index))).all()
+    return json_ok(TaskList(tasks=[task_out(t) for t in tasks]))
+
+
+@route(
+    "GET",
+    "/api/tasks/{task_id}/status",
+    permission="job:read",
+    summary="One task's state and the frame it is rendering",
+    response=TaskStatus,
+)
+async def task_status(request: web.Request) -> web.Response:
+    """A small, fast status read."""
+    ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
+    task_id = request.match_info["task_id"]
+    async with ctx.db.session() as s:
+        t = await s.get(Task, task_id)
+    if t is None:
+        raise not_found("task", task_id)
+    return json_ok(
+        TaskStatus(
+            id=t.id,
+            job_id=t.job_id,
+            state=t.state,
+            current_frame=t.current_frame,
+            attempts=t.attempts,
+            message=t.message,
+        )
+    )
+
+
+@route(
+    "POST",
+    "/api/jobs/{job_id}/cancel",
+    permission="job:cancel",
+    summary="Cancel a job; running renders stop within a heartbeat",
+    response=JobSummary,
+)
+async def cancel_job(request: web.Request) -> web.Response:
+    """409 when the job has already finished."""
+    ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
+    job = await service.cancel_job(ctx, request.match_info["job_id"])
+    return web.json_response(await service.job_summary(ctx, job.id))

@@ -1,0 +1,114 @@
+"""``/healthz`` and ``/api/openapi.json``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from sqlalchemy import text
+
+from protocol.messages import TASK_QUEUE
+from server.api.middleware import CTX
+from server.api.registry import ROUTES, route
+from server.api.schemas import ErrorBody
+from server.context import FarmContext
+
+
+@route("GET", "/healthz", permission="public", summary="Liveness and the state of each backend")
+async def healthz(request: web.Request) -> web.Response:
+    """200 when the database answers, 503 otherwise."""
+    ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
+    checks: dict[str, Any] = {}
+    try:
+        async with ctx.db.session() as s:
+            await s.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"error: {type(exc).__name__}"
+    try:
+        checks["queue_depth"] = await ctx.broker.depth(TASK_QUEUE)
+        checks["broker"] = "ok"
+    except Exception as exc:
+        checks["broker"] = f"error: {type(exc).__name__}"
+    ok = checks["database"] == "ok" and checks["broker"] == "ok"
+    return web.json_response({"status": "ok" if ok else "degraded", **checks}, status=200 if ok else 503)
+
+
+@route("GET", "/api/openapi.json", permission="public", summary="This API described as OpenAPI 3.1")
+async def openapi(request: web.Request) -> web.Response:
+    """Built from the route registry, so every route is described."""
+    return web.json_response(build_openapi())
+
+
+def build_openapi() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every registered route, with its permission as ``x-permission``."""
+    schemas: dict[str, Any] = {
+        "ErrorBody": ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
+    }
+    paths: dict[str, Any] = {}
+
+    def ref(model: Any) -> dict[str, str]:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+        return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+    for info, handler in ROUTES:
+        path = info.path.replace("{key:.+}", "{key}")
+        op: dict[str, Any] = {
+            "summary": info.summary,
+            "operationId": handler.__name__,
+            "x-permission": info.permission,
+            "parameters": [
+                {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                for p in _path_params(path)
+            ]
+            + [
+                {"name": k, "in": "query", "required": False, "description": v, "schema": {"type": "string"}}
+                for k, v in info.query.items()
+            ],
+            "responses": {
+                "4XX": {
+                    "description": "error",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+                },
+            },
+        }
+        ok: dict[str, Any] = {"description": "success"}
+        if info.response is not None:
+            ok["content"] = {"application/json": {"schema": ref(info.response)}}
+        elif info.response_content != "application/json":
+            ok["content"] = {info.response_content: {"schema": {"type": "string", "format": "binary"}}}
+        else:
+            ok["content"] = {"application/json": {"schema": {"type": "object"}}}
+        op["responses"][str(info.status)] = ok
+        if info.body is not None:
+            op["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": ref(info.body)}},
+            }
+        elif info.request_content:
+            op["requestBody"] = {
+                "required": True,
+                "content": {info.request_content: {"schema": {"type": "string", "format": "binary"}}},
+            }
+        paths.setdefault(path, {})[info.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "renderfarm",
+            "version": "0.1.0",
+            "description": "Render farm for Blender. Each operation's x-permission names what it needs.",
+        },
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }
+
+
+def _path_params(path: str) -> list[str]:
+    out, i = [], 0
+    while (i := path.find("{", i)) != -1:
+        j = path.index("}", i)
+        out.append(path[i + 1 : j])
+        i = j
+    return out

@@ -1,0 +1,77 @@
+"""Error handling and permission checks for every request."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from server.errors import ApiError
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
+CTX = web.AppKey("ctx", object)
+
+
+def error_response(err: ApiError) -> web.Response:
+    """The JSON response for ``err``."""
+    return web.json_response(err.to_dict(), status=err.status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Turn every failure into a JSON error; never leak a traceback to the client."""
+    try:
+        return await handler(request)
+    except ApiError as err:
+        return error_response(err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(ApiError(exc.status, exc.reason or "error"))
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(ApiError(500, "internal server error; see the server log"))
+
+
+@web.middleware
+async def permission_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Enforce the permission each route declared (see :mod:`server.api.registry`)."""
+    info = getattr(handler, "route_info", None)
+    if info is None:  # aiohttp's own handlers (404/405)
+        return await handler(request)
+    if info.permission == "agent":
+        token = request.app[CTX].agent_token  # type: ignore[attr-defined]
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise ApiError(401, "agent token missing or wrong (Authorization: Bearer <token>)")
+    return await handler(request)
+
+
+async def parse_body(request: web.Request, model: type[M]) -> M:
+    """Read a JSON body into ``model``.
+
+    Raises:
+        ApiError: 400 naming the first field at fault, or saying the body is not JSON.
+    """
+    try:
+        data = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or None
+        raise ApiError(400, f"{field}: {first['msg']}" if field else first["msg"], field) from exc
+
+
+def json_ok(model: BaseModel, status: int = 200) -> web.Response:
+    """A JSON response from a pydantic model."""
+    return web.json_response(text=model.model_dump_json(), status=status)

@@ -1,0 +1,179 @@
+"""``/api/models``: upload a .blend or .zip package (streamed), read its metadata."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from sqlalchemy import select
+
+from server.api.middleware import CTX, json_ok
+from server.api.registry import route
+from server.api.schemas import ModelList, ModelOut
+from server.context import FarmContext
+from server.errors import ApiError, not_found
+from server.model_manager import ModelRejected, ingest
+from server.persistence.tables import Model, new_id
+
+CHUNK = 1 << 20
+
+
+def model_out(m: Model) -> ModelOut:
+    """The API shape of a model row."""
+    return ModelOut(
+        id=m.id,
+        filename=m.filename,
+        kind=m.kind,  # type: ignore[arg-type]
+        main=m.main,
+        sha256=m.sha256,
+        size_bytes=m.size_bytes,
+        created_at=m.created_at.isoformat() + "Z",
+        info=m.info,
+    )
+
+
+async def _receive(request: web.Request, dest: Path, max_bytes: int) -> tuple[str, int, str]:
+    """Stream the upload into ``dest``; returns (filename, size in bytes, sha256).
+
+    Accepts ``multipart/form-data`` (the first file part, field ``file``) or a raw
+    body with ``?filename=``.
+
+    Raises:
+        ApiError: 413 past ``max_bytes``; 400 when no file or no filename is given.
+    """
+    if request.content_type == "multipart/form-data":
+        reader = await request.multipart()
+        part = await reader.next()
+        while part is not None and not getattr(part, "filename", None):
+            part = await reader.next()
+        if part is None:
+            raise ApiError(400, "multipart upload has no file part", "file")
+        filename = part.filename or ""
+        source: Any = part
+    else:
+        filename = request.query.get("filename", "")
+        source = request.content
+    if not filename:
+        raise ApiError(
+            400, "filename is required (?filename=scene.blend, or a multipart file name)", "filename"
+        )
+    h = hashlib.sha256()
+    size = 0
+    with open(dest, "wb") as fh:
+        while True:
+            chunk = await (source.read_chunk(CHUNK) if source is not request.content else source.read(CHUNK))
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > max_bytes:
+                raise ApiError(413, f"upload is larger than the limit of {max_bytes} bytes", "file")
+            h.update(chunk)
+            await asyncio.to_thread(fh.write, chunk)
+    if size == 0:
+        raise ApiError(400, "the uploaded file is empty", "file")
+    return filename, size, h.hexdigest()
+
+
+@route(
+    "POST",
+    "/api/models",
+    permission="model:create",
+    summary="Upload a .blend or a .zip holding a .blend and its files; returns its metadata",
+    request_content="application/octet-stream",
+    response=ModelOut,
+    query={"filename": "name of the uploaded file (raw body)", "main": "the .blend to open inside a zip"},
+    status=201,
+)
+async def upload_model(request: web.Request) -> web.Response:
+    """Stream, check and inspect an upload; nothing is kept when it is refused."""
+    ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
+    limits = ctx.settings.limits
+    work = Path(tempfile.mkdtemp(prefix="upload-", dir=ctx.settings.tmp_dir))
+    try:
+        raw = work / "upload.bin"
+        filename, size, sha = await _receive(request, raw, limits.max_upload_bytes)
+        try:
+            async with ctx.inspect_slots:
+                info = await ingest(
+                    raw,
+                    filename,
+                    work / "model",
+                    limits,
+                    ctx.executor,
+                    main=request.query.get("main") or None,
+                )
+        except ModelRejected as exc:
+            raise ApiError(exc.status, exc.message, exc.field or "file") from exc
+        model_id = new_id()
+        meta = info.to_dict()
+        safe_name = meta.get("filename") or "model.blend"
+        key = f"models/{model_id}/{'package.zip' if info.kind == 'zip' else _key_name(safe_name)}"
+        await ctx.storage.put_file(key, raw)
+        row = Model(
+            id=model_id,
+            filename=safe_name,
+            kind=info.kind,
+            main=info.main,
+            sha256=sha,
+            size_bytes=size,
+            storage_key=key,
+            info=meta,
+        )
+        async with ctx.db.session() as s:
+            s.add(row)
+            try:
+                await s.commit()
+            except Exception:
+                await ctx.storage.delete(key)
+                raise
+        return json_ok(model_out(row), status=201)
+    finally:
+        await asyncio.to_thread(shutil.rmtree, work, True)
+
+
+def _key_name(filename: str) -> str:
+    stem, ext = os.path.splitext(filename)
+    safe = (
+        "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in stem).strip("._")
+        or "model"
+    )
+    return f"{safe[:100]}{ext.lower() if ext.lower() in ('.blend', '.zip') else '.blend'}"
+
+
+@route(
+    "GET",
+    "/api/models",
+    permission="model:read",
+    summary="List uploaded models, newest first",
+    response=ModelList,
+)
+async def list_models(request: web.Request) -> web.Response:
+    """Newest 200 models."""
+    ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
+    async with ctx.db.session() as s:
+        rows = (await s.scalars(select(Model).order_by(Model.created_at.desc()).limit(200))).all()
+    return json_ok(ModelList(models=[model_out(m) for m in rows]))
+
+
+@route(
+    "GET",
+    "/api/models/{model_id}",
+    permission="model:read",
+    summary="A model and its metadata: scenes, cameras, frame range, engine, output, dependencies",
+    response=ModelOut,
+)
+async def get_model(request: web.Request) -> web.Response:
+    """One model."""
+    ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
+    model_id = request.match_info["model_id"]
+    async with ctx.db.session() as s:
+        m = await s.get(Model, model_id)
+    if m is None:
+        raise not_found("model", model_id)
+    return json_ok(model_out(m))

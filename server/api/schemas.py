@@ -1,0 +1,160 @@
+"""Request and response bodies (pydantic). Unknown fields are refused so typos show."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobCreate(_Strict):
+    """``POST /api/jobs``. Frames use the spec of :func:`protocol.frames.parse_frames`."""
+
+    model_id: str = Field(min_length=1, max_length=64)
+    frames: str = Field(min_length=1, max_length=1024, examples=["1-10", "1-99x2", "-5-5"])
+    chunk_size: int = Field(1, ge=1, le=10_000, description="frames per task")
+    priority: int = Field(0, ge=-100, le=100)
+    name: str | None = Field(None, max_length=255)
+    scene: str | None = Field(None, max_length=255, description="defaults to the file's active scene")
+    camera: str | None = Field(None, max_length=255)
+    engine: Literal["CYCLES", "BLENDER_EEVEE", "BLENDER_WORKBENCH"] | None = None
+    samples: int | None = Field(None, ge=1, le=1_000_000)
+    resolution_percentage: int | None = Field(None, ge=1, le=1000)
+    resolution_x: int | None = Field(None, ge=4, le=65536)
+    resolution_y: int | None = Field(None, ge=4, le=65536)
+    output_format: Literal["PNG", "OPEN_EXR", "JPEG"] = "PNG"
+
+
+class JobSummary(BaseModel):
+    """A job's status: state, task counts by state, frames stored and progress in percent."""
+
+    id: str
+    name: str
+    model_id: str
+    state: Literal["queued", "running", "completed", "failed", "canceled"]
+    message: str
+    frames: str
+    frame_count: int
+    frames_done: int
+    progress: float
+    chunk_size: int
+    priority: int
+    scene: str | None
+    overrides: dict[str, Any]
+    tasks: dict[str, int]
+    task_count: int
+    created_at: str
+    finished_at: str | None
+
+
+class JobList(BaseModel):
+    """``GET /api/jobs``: newest first."""
+
+    jobs: list[JobSummary]
+
+
+class TaskOut(BaseModel):
+    """One task of a job."""
+
+    id: str
+    job_id: str
+    index: int
+    frames: list[int]
+    state: str
+    attempts: int
+    agent: str | None
+    current_frame: int | None
+    message: str
+    log_tail: list[str]
+    render_seconds: float
+    started_at: str | None
+    finished_at: str | None
+
+
+class TaskList(BaseModel):
+    """``GET /api/jobs/{job_id}/tasks``."""
+
+    tasks: list[TaskOut]
+
+
+class TaskStatus(BaseModel):
+    """``GET /api/tasks/{task_id}/status``."""
+
+    id: str
+    job_id: str
+    state: str
+    current_frame: int | None
+    attempts: int
+    message: str
+
+
+class ModelOut(BaseModel):
+    """An uploaded model and its metadata (scenes, cameras, dependencies, what is missing)."""
+
+    id: str
+    filename: str
+    kind: Literal["blend", "zip"]
+    main: str
+    sha256: str
+    size_bytes: int
+    created_at: str
+    info: dict[str, Any]
+
+
+class ModelList(BaseModel):
+    """``GET /api/models``."""
+
+    models: list[ModelOut]
+
+
+class OutputFrame(BaseModel):
+    """A stored frame and a link to download it."""
+
+    frame: int
+    filename: str
+    size_bytes: int
+    sha256: str
+    url: str
+
+
+class OutputList(BaseModel):
+    """``GET /api/jobs/{job_id}/outputs``: stored frames in frame order and a link to them all as a zip."""
+
+    job_id: str
+    state: str
+    frames: list[OutputFrame]
+    zip_url: str
+
+
+class ClaimRequest(_Strict):
+    """Agent: claim a task it received from the broker."""
+
+    agent: str = Field(min_length=1, max_length=255)
+
+
+class HeartbeatRequest(_Strict):
+    """Agent: keep the lease and report the frame being rendered."""
+
+    lease_id: str
+    current_frame: int | None = None
+
+
+class ResultRequest(_Strict):
+    """Agent: the end of an attempt."""
+
+    lease_id: str
+    status: Literal["completed", "failed"]
+    message: str = Field("", max_length=8000)
+    log_tail: list[str] = Field(default_factory=list, max_length=200)
+    missing_frames: list[int] = Field(default_factory=list)
+    render_seconds: float = 0.0
+
+
+class ErrorBody(BaseModel):
+    """Every error: ``{"error": {"status", "message", "field"}}``."""
+
+    error: dict[str, Any]

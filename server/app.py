@@ -1,0 +1,44 @@
+"""Build the aiohttp application and run the server with its scheduler."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from server.api import agent, jobs, meta, models, outputs  # noqa: F401  (modules register their routes)
+from server.api.middleware import CTX, errors_middleware, permission_middleware
+from server.api.registry import add_routes
+from server.context import FarmContext
+from server.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+SCHEDULER = web.AppKey("scheduler", Scheduler)
+
+
+def create_app(ctx: FarmContext, *, run_scheduler: bool = True) -> web.Application:
+    """The API application; on start it creates the tables and (by default) starts the scheduler.
+
+    Args:
+        ctx: the farm's backends and settings (closed on shutdown).
+        run_scheduler: start the outbox relay and the timeout checker with the app.
+    """
+    app = web.Application(
+        middlewares=[errors_middleware, permission_middleware],
+        client_max_size=ctx.settings.limits.max_upload_bytes,
+    )
+    app[CTX] = ctx
+    add_routes(app)
+
+    async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
+        await ctx.db.create_all()
+        scheduler = Scheduler(ctx)
+        if run_scheduler:
+            scheduler.start()
+        app[SCHEDULER] = scheduler
+        yield
+        await scheduler.stop()
+        await ctx.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app

@@ -1,0 +1,92 @@
+"""In-process broker with the semantics of :mod:`server.broker.base` (one event loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+
+@dataclass(order=True)
+class _Item:
+    sort_key: tuple[int, int]
+    body: bytes = field(compare=False)
+    priority: int = field(compare=False, default=0)
+    redelivered: bool = field(compare=False, default=False)
+
+
+class _MemoryDelivery:
+    def __init__(self, queue: _Queue, item: _Item, slot: asyncio.Semaphore) -> None:
+        self._queue, self._item, self._slot = queue, item, slot
+        self.body = item.body
+        self.redelivered = item.redelivered
+        self._settled = False
+
+    async def ack(self) -> None:
+        self._settle()
+
+    async def nack(self, requeue: bool = True) -> None:
+        if self._settle() and requeue:
+            self._queue.put(self._item.body, self._item.priority, redelivered=True)
+
+    def _settle(self) -> bool:
+        if self._settled:
+            return False
+        self._settled = True
+        self._slot.release()
+        return True
+
+
+class _Queue:
+    def __init__(self) -> None:
+        self.items: asyncio.PriorityQueue[_Item] = asyncio.PriorityQueue()
+        self._seq = itertools.count()
+
+    def put(self, body: bytes, priority: int, redelivered: bool = False) -> None:
+        self.items.put_nowait(_Item((-priority, next(self._seq)), body, priority, redelivered))
+
+
+class MemoryBroker:
+    """Queues live in this process; a consumer that stops without acking gives its message back."""
+
+    def __init__(self) -> None:
+        self._queues: dict[str, _Queue] = {}
+        self._closed = asyncio.Event()
+
+    def _q(self, name: str) -> _Queue:
+        return self._queues.setdefault(name, _Queue())
+
+    async def publish(self, queue: str, body: bytes, priority: int = 0) -> None:
+        if self._closed.is_set():
+            raise ConnectionError("broker is closed")
+        self._q(queue).put(body, priority)
+
+    async def consume(self, queue: str, prefetch: int = 1) -> AsyncIterator[_MemoryDelivery]:
+        q = self._q(queue)
+        slot = asyncio.Semaphore(prefetch)
+        while not self._closed.is_set():
+            await slot.acquire()
+            get = asyncio.ensure_future(q.items.get())
+            closed = asyncio.ensure_future(self._closed.wait())
+            try:
+                await asyncio.wait({get, closed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                closed.cancel()
+                if not get.done():
+                    get.cancel()
+            if not get.done() or get.cancelled():
+                slot.release()
+                return
+            delivery = _MemoryDelivery(q, get.result(), slot)
+            try:
+                yield delivery
+            except GeneratorExit:
+                await delivery.nack(requeue=True)
+                raise
+
+    async def depth(self, queue: str) -> int:
+        return self._q(queue).items.qsize()
+
+    async def close(self) -> None:
+        self._closed.set()

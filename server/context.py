@@ -1,0 +1,57 @@
+"""The farm's shared objects, built once at start-up and handed to every component."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from node_agent.executor.base import Executor
+from node_agent.executor.local import LocalExecutor
+from server.broker import Broker, open_broker
+from server.cache import Cache, open_cache
+from server.config import Settings
+from server.persistence import Database
+from server.storage import Storage, open_storage
+
+
+@dataclass
+class FarmContext:
+    """Settings plus one instance of each backend, and the Blender executor used to inspect models.
+
+    ``outbox_ready`` is set whenever rows are added to the outbox, so the relay
+    publishes them at once instead of at its next poll.
+    """
+
+    settings: Settings
+    db: Database
+    broker: Broker
+    cache: Cache
+    storage: Storage
+    agent_token: str
+    executor: Executor
+    inspect_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
+    outbox_ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FarmContext:
+        """Open every backend named by ``settings``.
+
+        Raises:
+            ValueError: naming the first backend URL that is not usable.
+        """
+        settings.ensure_dirs()
+        return cls(
+            settings=settings,
+            db=Database(settings.database_url),
+            broker=open_broker(settings.broker_url),
+            cache=open_cache(settings.cache_url),
+            storage=open_storage(settings.storage_url, settings.secret("storage-signing-key")),
+            agent_token=settings.secret("agent-token"),
+            executor=LocalExecutor(settings.blender),
+        )
+
+    async def close(self) -> None:
+        """Close every backend."""
+        await self.broker.close()
+        await self.cache.close()
+        await self.db.close()

@@ -1,0 +1,1 @@
+"""Jobs and tasks: the state machine and the operations that change them."""

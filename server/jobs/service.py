@@ -1,0 +1,445 @@
+"""Operations on jobs and tasks. Each runs in one transaction; the cache and events follow the commit."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from protocol.frames import FrameSpecError, chunk_frames, format_frames, parse_frames
+from protocol.messages import OUTPUT_EXTENSIONS, TASK_QUEUE, TaskMessage, TaskResult, TaskSpec
+from server.context import FarmContext
+from server.errors import ApiError, not_found
+from server.jobs import task_state_machine as sm
+from server.persistence.tables import Frame, Job, Model, OutboxMessage, Task, new_id, utcnow
+
+log = logging.getLogger(__name__)
+_frame_locks: dict[tuple[str, int], asyncio.Lock] = {}
+
+
+# ---------------------------------------------------------------- jobs
+
+
+async def create_job(ctx: FarmContext, req: dict[str, Any]) -> Job:
+    """Validate a job request, then write the job, its tasks and their outbox rows in one transaction.
+
+    Args:
+        req: validated request fields (``server.api.schemas.JobCreate``): model_id, frames,
+            chunk_size, priority, scene, name and the overrides (camera, engine, samples,
+            resolution_percentage, resolution_x, resolution_y, output_format).
+
+    Raises:
+        ApiError: 404 for an unknown model; 400 naming ``frames`` (with the bad token),
+            ``scene`` or ``camera``; 422 when the scene cannot render (no camera).
+    """
+    try:
+        frames = parse_frames(req["frames"])
+    except FrameSpecError as exc:
+        raise ApiError(400, str(exc), "frames") from exc
+    async with ctx.db.session() as s:
+        model = await s.get(Model, req["model_id"])
+        if model is None:
+            raise ApiError(404, f"model {req['model_id']!r} not found", "model_id")
+        scene = _check_scene(model.info, req.get("scene"), req.get("camera"))
+        overrides = {
+            k: req.get(k)
+            for k in (
+                "camera",
+                "engine",
+                "samples",
+                "resolution_percentage",
+                "resolution_x",
+                "resolution_y",
+                "output_format",
+            )
+            if req.get(k) is not None
+        }
+        overrides.setdefault("output_format", "PNG")
+        job = Job(
+            id=new_id(),
+            model_id=model.id,
+            name=req.get("name") or model.filename,
+            frames_spec=format_frames(frames),
+            frame_count=len(frames),
+            chunk_size=req["chunk_size"],
+            priority=req.get("priority", 0),
+            scene=scene,
+            overrides=overrides,
+        )
+        s.add(job)
+        for i, chunk in enumerate(chunk_frames(frames, req["chunk_size"])):
+            task = Task(id=new_id(), job_id=job.id, index=i, frames=chunk)
+            s.add(task)
+            s.add(_outbox_for(task, job))
+        await s.commit()
+    ctx.outbox_ready.set()
+    await publish_job(ctx, job.id)
+    return job
+
+
+def _check_scene(info: dict[str, Any], scene: str | None, camera: str | None) -> str | None:
+    scenes = {sc.get("name"): sc for sc in info.get("scenes", []) if isinstance(sc, dict)}
+    if not scenes:
+        return scene
+    name = scene or info.get("active_scene") or next(iter(scenes))
+    if name not in scenes:
+        raise ApiError(400, f"scene {name!r} is not in the model; it has {sorted(scenes)}", "scene")
+    sc = scenes[name]
+    if camera is not None:
+        cams = sc.get("cameras") or []
+        if camera not in cams:
+            raise ApiError(400, f"camera {camera!r} is not in scene {name!r}; it has {cams}", "camera")
+    elif not sc.get("renderable", True):
+        problem = sc.get("problem") or "it cannot render"
+        raise ApiError(422, f"scene {name!r} cannot render: {problem}", "scene")
+    return name
+
+
+def _outbox_for(task: Task, job: Job) -> OutboxMessage:
+    msg = TaskMessage(task_id=task.id, job_id=job.id, priority=job.priority)
+    return OutboxMessage(queue=TASK_QUEUE, payload=msg.to_dict(), priority=job.priority)
+
+
+async def cancel_job(ctx: FarmContext, job_id: str) -> Job:
+    """Cancel a job: queued and running tasks become canceled; running agents stop at their next heartbeat.
+
+    Raises:
+        ApiError: 404 unknown job; 409 when the job has already finished.
+    """
+    async with ctx.db.session() as s:
+        job = await s.get(Job, job_id)
+        if job is None:
+            raise not_found("job", job_id)
+        if job.state in sm.FINISHED:
+            raise ApiError(409, f"job {job_id} has already finished ({job.state})", "job_id")
+        now = utcnow()
+        job.state, job.message, job.finished_at = sm.CANCELED, "canceled by request", now
+        await s.execute(
+            update(Task)
+            .where(Task.job_id == job_id, Task.state.in_([sm.QUEUED, sm.RUNNING]))
+            .values(state=sm.CANCELED, finished_at=now, message="canceled", lease_id=None)
+        )
+        await s.commit()
+    await publish_job(ctx, job_id)
+    return job
+
+
+async def job_summary(ctx: FarmContext, job_id: str, session: AsyncSession | None = None) -> dict[str, Any]:
+    """The job's status as served by the API: state, task counts by state, frames stored, progress %.
+
+    Raises:
+        ApiError: 404 for an unknown job.
+    """
+    if session is None:
+        async with ctx.db.session() as s:
+            return await job_summary(ctx, job_id, s)
+    job = await session.get(Job, job_id)
+    if job is None:
+        raise not_found("job", job_id)
+    rows = await session.execute(
+        select(Task.state, func.count()).where(Task.job_id == job_id).group_by(Task.state)
+    )
+    counts = {state: 0 for state in sm.TASK_STATES} | dict(rows.tuples().all())
+    stored = await session.scalar(select(func.count()).select_from(Frame).where(Frame.job_id == job_id)) or 0
+    return {
+        "id": job.id,
+        "name": job.name,
+        "model_id": job.model_id,
+        "state": job.state,
+        "message": job.message,
+        "frames": job.frames_spec,
+        "frame_count": job.frame_count,
+        "frames_done": stored,
+        "progress": round(100.0 * stored / job.frame_count, 1) if job.frame_count else 100.0,
+        "chunk_size": job.chunk_size,
+        "priority": job.priority,
+        "scene": job.scene,
+        "overrides": job.overrides,
+        "tasks": counts,
+        "task_count": sum(counts.values()),
+        "created_at": job.created_at.isoformat(),
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+    }
+
+
+async def publish_job(ctx: FarmContext, job_id: str) -> dict[str, Any]:
+    """Refresh the cached status of a job (after a commit) and send it to the job's event channel."""
+    summary = await job_summary(ctx, job_id)
+    try:
+        await ctx.cache.set(f"job:{job_id}", summary)
+        await ctx.cache.publish(f"job:{job_id}", {"type": "job", "job": summary})
+    except Exception:  # the cache is a copy; the database stays right
+        log.warning("cache update failed for job %s", job_id, exc_info=True)
+    return summary
+
+
+async def _refresh_job_state(s: AsyncSession, job: Job) -> None:
+    rows = await s.execute(select(Task.state).where(Task.job_id == job.id))
+    states = [r[0] for r in rows]
+    new = sm.job_state(states, job.state)
+    if new != job.state:
+        job.state = new
+        if new in sm.FINISHED:
+            job.finished_at = utcnow()
+            if new == sm.FAILED:
+                failed = await s.scalars(
+                    select(Task).where(Task.job_id == job.id, Task.state == sm.FAILED).order_by(Task.index)
+                )
+                first = failed.first()
+                n = Counter(states)[sm.FAILED]
+                job.message = (
+                    f"{n} task(s) failed; first: frames {format_frames(first.frames)}: {first.message}"
+                )
+            elif new == sm.COMPLETED:
+                job.message = ""
+
+
+# ---------------------------------------------------------------- agent side
+
+
+async def claim_task(ctx: FarmContext, task_id: str, agent: str) -> TaskSpec:
+    """Lease a queued task to ``agent`` and return what it needs to render it.
+
+    Raises:
+        ApiError: 404 unknown task; 409 when the task is no longer wanted (canceled,
+            finished, or already leased to another attempt).
+    """
+    lease_id = new_id()
+    now = utcnow()
+    async with ctx.db.session() as s:
+        res = await s.execute(
+            update(Task)
+            .where(Task.id == task_id, Task.state == sm.QUEUED)
+            .values(
+                state=sm.RUNNING,
+                attempts=Task.attempts + 1,
+                lease_id=lease_id,
+                lease_expires_at=now + timedelta(seconds=ctx.settings.lease_s),
+                agent=agent,
+                started_at=now,
+                message="",
+            )
+        )
+        task = await s.get(Task, task_id)
+        if task is None:
+            raise not_found("task", task_id)
+        if res.rowcount != 1:
+            raise ApiError(409, f"task {task_id} is not waiting to run (state {task.state})", "task_id")
+        job = await s.get(Job, task.job_id)
+        model = await s.get(Model, job.model_id)
+        await _refresh_job_state(s, job)
+        await s.commit()
+    await publish_job(ctx, task.job_id)
+    ov = job.overrides
+    return TaskSpec(
+        task_id=task.id,
+        job_id=job.id,
+        lease_id=lease_id,
+        frames=list(task.frames),
+        model_sha256=model.sha256,
+        model_kind=model.kind,
+        model_url=ctx.storage.signed_url(model.storage_key, ctx.settings.download_url_ttl_s),
+        model_main=model.main,
+        scene=job.scene,
+        camera=ov.get("camera"),
+        engine=ov.get("engine"),
+        samples=ov.get("samples"),
+        resolution_percentage=ov.get("resolution_percentage"),
+        resolution_x=ov.get("resolution_x"),
+        resolution_y=ov.get("resolution_y"),
+        output_format=ov.get("output_format", "PNG"),
+        timeout_s=ctx.settings.task_timeout_s,
+        stall_timeout_s=ctx.settings.stall_timeout_s,
+        heartbeat_s=ctx.settings.heartbeat_s,
+    )
+
+
+async def _leased_task(s: AsyncSession, task_id: str, lease_id: str) -> Task:
+    task = await s.get(Task, task_id)
+    if task is None:
+        raise not_found("task", task_id)
+    if task.state != sm.RUNNING or task.lease_id != lease_id:
+        raise ApiError(
+            409, f"lease {lease_id} on task {task_id} is no longer valid (state {task.state})", "lease_id"
+        )
+    return task
+
+
+async def heartbeat(
+    ctx: FarmContext, task_id: str, lease_id: str, current_frame: int | None
+) -> dict[str, Any]:
+    """Extend a lease and record progress.
+
+    Returns:
+        ``{"cancel": False}`` while the attempt is wanted.
+
+    Raises:
+        ApiError: 409 when the lease is stale (the task was canceled, requeued or finished);
+            the agent must stop and discard the attempt.
+    """
+    async with ctx.db.session() as s:
+        task = await _leased_task(s, task_id, lease_id)
+        task.lease_expires_at = utcnow() + timedelta(seconds=ctx.settings.lease_s)
+        changed = current_frame is not None and current_frame != task.current_frame
+        if current_frame is not None:
+            task.current_frame = current_frame
+        await s.commit()
+    if changed:
+        await ctx.cache.publish(
+            f"job:{task.job_id}", {"type": "progress", "task_id": task_id, "frame": current_frame}
+        )
+    return {"cancel": False}
+
+
+async def store_frame(
+    ctx: FarmContext, task_id: str, lease_id: str, frame: int, upload: Path, ext: str
+) -> tuple[dict[str, Any], bool]:
+    """Store one rendered frame of a leased task, once.
+
+    A frame counts once its object is stored and its row committed. When the job
+    already has this frame (a repeated upload, or a requeued task), the upload is
+    discarded and the existing frame returned.
+
+    Args:
+        upload: a temp file holding the image; moved into storage or deleted.
+        ext: the file extension (``.png``, ``.exr``, ``.jpg``).
+
+    Returns:
+        (the frame's description, whether it was newly stored).
+
+    Raises:
+        ApiError: 409 stale lease; 400 when ``frame`` is not one of the task's frames
+            or ``ext`` is not an output extension.
+    """
+    if ext not in OUTPUT_EXTENSIONS.values():
+        upload.unlink(missing_ok=True)
+        raise ApiError(400, f"unsupported frame extension {ext!r}", "frame")
+    lock = _frame_locks.setdefault((task_id, frame), asyncio.Lock())
+    try:
+        async with lock, ctx.db.session() as s:
+            task = await _leased_task(s, task_id, lease_id)
+            if frame not in task.frames:
+                raise ApiError(400, f"frame {frame} is not part of task {task_id}", "frame")
+            existing = await s.scalar(select(Frame).where(Frame.job_id == task.job_id, Frame.frame == frame))
+            if existing is not None:
+                return _frame_dict(existing), False
+            filename = f"frame_{frame:06d}{ext}" if frame >= 0 else f"frame_-{-frame:06d}{ext}"
+            key = f"jobs/{task.job_id}/frames/{filename}"
+            digest = await asyncio.to_thread(_sha256, upload)
+            size = await ctx.storage.put_file(key, upload)
+            row = Frame(
+                job_id=task.job_id,
+                task_id=task_id,
+                frame=frame,
+                storage_key=key,
+                filename=filename,
+                size_bytes=size,
+                sha256=digest,
+            )
+            s.add(row)
+            try:
+                await s.commit()
+            except IntegrityError:
+                await s.rollback()
+                existing = await s.scalar(
+                    select(Frame).where(Frame.job_id == task.job_id, Frame.frame == frame)
+                )
+                return _frame_dict(existing), False
+    finally:
+        upload.unlink(missing_ok=True)
+        _frame_locks.pop((task_id, frame), None)
+    await ctx.cache.publish(f"job:{task.job_id}", {"type": "frame", "frame": frame, "task_id": task_id})
+    await publish_job(ctx, task.job_id)
+    return _frame_dict(row), True
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _frame_dict(f: Frame) -> dict[str, Any]:
+    return {"frame": f.frame, "filename": f.filename, "size_bytes": f.size_bytes, "sha256": f.sha256}
+
+
+async def finish_task(ctx: FarmContext, task_id: str, result: TaskResult) -> dict[str, Any]:
+    """Record the end of an attempt.
+
+    A ``completed`` report is checked against the stored frames: a task whose frames
+    are partly missing fails and its message names the missing frames.
+
+    Raises:
+        ApiError: 409 stale lease; 400 for an unknown status.
+    """
+    if result.status not in (sm.COMPLETED, sm.FAILED):
+        raise ApiError(400, f"status must be 'completed' or 'failed', not {result.status!r}", "status")
+    async with ctx.db.session() as s:
+        task = await _leased_task(s, task_id, result.lease_id)
+        stored = set(
+            (
+                await s.scalars(
+                    select(Frame.frame).where(Frame.job_id == task.job_id, Frame.frame.in_(task.frames))
+                )
+            ).all()
+        )
+        missing = [f for f in task.frames if f not in stored]
+        state, message = result.status, result.message
+        if state == sm.COMPLETED and missing:
+            state = sm.FAILED
+            message = f"frames missing after render: {format_frames(missing)}"
+        elif state == sm.FAILED and missing and "missing" not in message:
+            message = f"{message} (frames missing: {format_frames(missing)})"
+        sm.check_task_transition(task.state, state)
+        task.state, task.message = state, message[:4000]
+        task.log_tail = [line[:1000] for line in result.log_tail[-50:]]
+        task.render_seconds = result.render_seconds
+        task.finished_at, task.lease_id, task.lease_expires_at = utcnow(), None, None
+        job = await s.get(Job, task.job_id)
+        await _refresh_job_state(s, job)
+        await s.commit()
+        out = {"task_id": task_id, "state": state, "message": message}
+    await publish_job(ctx, task.job_id)
+    return out
+
+
+async def requeue_expired(ctx: FarmContext) -> int:
+    """Requeue running tasks whose lease expired (agent lost); fail them after ``max_attempts``.
+
+    Returns:
+        How many tasks were requeued or failed.
+    """
+    now = utcnow()
+    touched: set[str] = set()
+    async with ctx.db.session() as s:
+        expired = (
+            await s.scalars(select(Task).where(Task.state == sm.RUNNING, Task.lease_expires_at < now))
+        ).all()
+        for task in expired:
+            job = await s.get(Job, task.job_id)
+            task.lease_id, task.lease_expires_at, task.current_frame = None, None, None
+            if task.attempts >= ctx.settings.max_attempts:
+                task.state, task.finished_at = sm.FAILED, now
+                task.message = f"lease expired on {task.attempts} attempts (agent {task.agent} lost)"
+            else:
+                task.state = sm.QUEUED
+                task.message = f"requeued: lease of agent {task.agent} expired"
+                s.add(_outbox_for(task, job))
+            await _refresh_job_state(s, job)
+            touched.add(job.id)
+        await s.commit()
+    if expired:
+        ctx.outbox_ready.set()
+    for job_id in touched:
+        await publish_job(ctx, job_id)
+    return len(expired)

@@ -1,0 +1,76 @@
+"""Storage in a local folder; downloads go through HMAC-signed ``/files/`` URLs served by the API."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import shutil
+import time
+from pathlib import Path
+from urllib.parse import quote, urlencode
+
+from server.storage.base import check_key
+
+
+class LocalStorage:
+    """Objects are files under ``root``; every path is confined to it."""
+
+    def __init__(self, root: Path, secret: str) -> None:
+        self.root = root.resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._secret = secret.encode()
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / check_key(key)).resolve()
+        if not path.is_relative_to(self.root):
+            raise ValueError(f"storage key {key!r} escapes the storage root")
+        return path
+
+    async def put_file(self, key: str, src: Path) -> int:
+        dest = self._path(key)
+        return await asyncio.to_thread(_place, src, dest)
+
+    async def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    async def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)
+
+    def signed_url(self, key: str, ttl_s: int, filename: str | None = None) -> str:
+        check_key(key)
+        exp = int(time.time()) + ttl_s
+        query = {"exp": str(exp), "sig": self.sign(key, exp)}
+        if filename:
+            query["name"] = filename
+        return f"/files/{quote(key)}?{urlencode(query)}"
+
+    def sign(self, key: str, exp: int) -> str:
+        """HMAC-SHA256 of ``key`` and expiry time ``exp`` (Unix seconds), hex."""
+        return hmac.new(self._secret, f"{key}\n{exp}".encode(), hashlib.sha256).hexdigest()
+
+    def verify(self, key: str, exp: str, sig: str) -> bool:
+        """Whether ``sig`` is this storage's signature of ``key`` and ``exp`` and ``exp`` is in the future."""
+        try:
+            exp_i = int(exp)
+        except ValueError:
+            return False
+        return exp_i >= time.time() and hmac.compare_digest(self.sign(key, exp_i), sig)
+
+
+def _place(src: Path, dest: Path) -> int:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{time.monotonic_ns()}.part")
+    try:
+        try:
+            os.replace(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest.stat().st_size
