@@ -147,7 +147,7 @@ async def job_summary(ctx: FarmContext, job_id: str, session: AsyncSession | Non
     rows = await session.execute(
         select(Task.state, func.count()).where(Task.job_id == job_id).group_by(Task.state)
     )
-    counts = {state: 0 for state in sm.TASK_STATES} | dict(rows.tuples().all())
+    counts = {state: 0 for state in sm.TASK_STATES} | {state: n for state, n in rows.all()}
     stored = await session.scalar(select(func.count()).select_from(Frame).where(Frame.job_id == job_id)) or 0
     return {
         "id": job.id,

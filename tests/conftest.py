@@ -1,0 +1,76 @@
+"""Shared fixtures: the corpus location, the generated sample scene, and an in-process farm."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from cli.client import FarmClient
+from cli.farm import RunningFarm, free_port, make_sample_scene, running_farm
+from server.config import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+REAL = SHARED / "blendfiles" / "real"
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    """The real-world .blend files, used in place (never copied into the repo)."""
+    if not REAL.is_dir():
+        pytest.fail(f"corpus not found at {REAL}: the repo must sit beside shared/")
+    return REAL
+
+
+@pytest.fixture(scope="session")
+def sample_blend(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled demo scene, generated once per test session by the project's own generator."""
+    path = tmp_path_factory.mktemp("sample") / "sample_scene.blend"
+    return asyncio.run(make_sample_scene(path))
+
+
+class Farm:
+    """A running in-process farm and a client for it."""
+
+    def __init__(self, running: RunningFarm, client: FarmClient) -> None:
+        self.url = running.url
+        self.ctx = running.ctx
+        self.client = client
+        self.settings = running.ctx.settings
+
+
+def farm_settings(data_dir: Path, **kw: object) -> Settings:
+    """Settings for tests: quick heartbeats and lease checks."""
+    kw.setdefault("heartbeat_s", 0.5)
+    return Settings(data_dir=data_dir, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def farm(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Farm]:
+    """A farm with one local agent (``@pytest.mark.agents(0)`` for none) in ``tmp_path/farm``."""
+    marker = request.node.get_closest_marker("agents")
+    agents = marker.args[0] if marker else 1
+    settings = farm_settings(tmp_path / "farm")
+    async with running_farm(settings, port=free_port(), agents=agents) as running:
+        async with FarmClient(running.url) as client:
+            yield Farm(running, client)
+
+
+def blender_pids(marker: str = "render_task.py") -> list[int]:
+    """Pids of live processes whose command line mentions ``marker`` (zombies excluded)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in cmd and state != "Z":
+            pids.append(int(d.name))
+    return pids
