@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import aiohttp
 import pytest
 from PIL import Image
 from sqlalchemy import func, select
@@ -147,7 +146,7 @@ async def test_upload_over_the_limit_is_413(farm: Farm) -> None:
 @pytest.mark.agents(0)
 async def test_agent_routes_need_the_agent_token(farm: Farm) -> None:
     status, err = await _req(farm, "POST", "/api/agent/tasks/abc/claim", json={"agent": "a"})
-    assert status == 401
+    assert status == 401 and "agent token" in err["error"]["message"]
     status, _ = await _req(farm, "POST", "/api/agent/tasks/abc/claim", token="wrong", json={"agent": "a"})
     assert status == 401
 
