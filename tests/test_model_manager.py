@@ -617,12 +617,17 @@ async def test_ingest_refuses_before_blender(tmp_path: Path, executor: CountingE
 @pytest.mark.blender
 async def test_ingest_basic_file(tmp_path: Path, executor: CountingExecutor) -> None:
     info = await ingest(
-        REAL / "basic_file.blend", "basic_file.blend", tmp_path / "m", ModelLimits(), executor
+        REAL / "basic_file.blend",
+        "C:\\Users\\artist\\basic_file.blend",
+        tmp_path / "m",
+        ModelLimits(),
+        executor,
     )
     data = info.to_dict()
     json.dumps(data)  # JSON-ready
-    assert (data["kind"], data["main"], data["version"], data["compression"]) == (
+    assert (data["kind"], data["filename"], data["main"], data["version"], data["compression"]) == (
         "blend",
+        "basic_file.blend",
         "basic_file.blend",
         "2.79",
         "none",
@@ -671,9 +676,15 @@ async def test_ingest_geometry_nodes_zip(tmp_path: Path, executor: CountingExecu
     folder = REAL / GEO
     upload = make_zip(tmp_path / "geo.zip", {f"proj/{p.name}": p for p in sorted(folder.glob("*.blend"))})
     info = await ingest(
-        upload, "geo.zip", tmp_path / "m", small_limits(), executor, main="proj/file_to_pack.blend"
+        upload,
+        "../up\tloads/geo.zip",
+        tmp_path / "m",
+        small_limits(),
+        executor,
+        main="proj/file_to_pack.blend",
     )
-    assert (info.kind, info.main, info.version) == ("zip", "proj/file_to_pack.blend", "2.93")
+    assert (info.kind, info.filename, info.main) == ("zip", "geo.zip", "proj/file_to_pack.blend")
+    assert info.version == "2.93"
     assert info.files == sorted(f"proj/{p.name}" for p in folder.glob("*.blend"))
     assert info.missing == []
     assert {d["resolved"] for d in info.dependencies} == {"proj/object_lib.blend", "proj/node_lib.blend"}

@@ -39,7 +39,9 @@ class ModelInfo:
 
     Attributes:
         kind: ``"blend"`` or ``"zip"``.
-        filename: the uploaded file name (as given by the client).
+        filename: the uploaded file's name, cleaned: base name only, no control
+            characters, NFC (for a .blend, the name it is stored under, = ``main``;
+            for a zip with an unusable name, ``"model.zip"``).
         main: path of the main .blend, relative to ``files/`` (POSIX).
         size_bytes: size of the upload, in bytes.
         unpacked_bytes: bytes under ``files/`` (the extracted zip, or the .blend).
@@ -88,6 +90,12 @@ class ModelInfo:
         return asdict(self)
 
 
+def _clean_name(filename: str) -> str:
+    base = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    base = unicodedata.normalize("NFC", "".join(c for c in base if unicodedata.category(c)[0] != "C"))
+    return base.strip()
+
+
 def safe_blend_filename(filename: str) -> str:
     """The name a single uploaded .blend is stored under: the base name, cleaned.
 
@@ -99,9 +107,7 @@ def safe_blend_filename(filename: str) -> str:
         ModelRejected: 400 (field ``"file"``) for an empty name, ``.``/``..``,
             or a name starting with a dot.
     """
-    base = filename.replace("\\", "/").rsplit("/", 1)[-1]
-    base = unicodedata.normalize("NFC", "".join(c for c in base if unicodedata.category(c)[0] != "C"))
-    base = base.strip()
+    base = _clean_name(filename)
     if not base or base in (".", "..") or base.startswith("."):
         raise ModelRejected(400, f"unusable file name {filename!r}", "file")
     if not base.lower().endswith(".blend"):
@@ -249,9 +255,14 @@ async def ingest(
             + images_missing
         )
     )
+    if kind == "zip":
+        shown = _clean_name(filename)
+        shown = shown if shown and not shown.startswith(".") else "model.zip"
+    else:
+        shown = main_rel
     return ModelInfo(
         kind="zip" if kind == "zip" else "blend",
-        filename=filename,
+        filename=shown[:255],
         main=main_rel,
         size_bytes=size,
         unpacked_bytes=unpacked,
