@@ -60,16 +60,41 @@ def _settings(data_dir: Path, blender: str | None) -> Any:
 @click.option(
     "--blender", default=None, help="Blender binary (default: blender on PATH, else the bpy module)."
 )
-def up(host: str, port: int, data_dir: Path, agents: int, blender: str | None) -> None:
+@click.option(
+    "--task-timeout",
+    type=click.FloatRange(1),
+    default=3600,
+    show_default=True,
+    help="Hard limit of one render attempt, in seconds.",
+)
+@click.option(
+    "--stall-timeout",
+    type=click.FloatRange(1),
+    default=600,
+    show_default=True,
+    help="Kill a render that prints nothing for this many seconds.",
+)
+def up(
+    host: str,
+    port: int,
+    data_dir: Path,
+    agents: int,
+    blender: str | None,
+    task_timeout: float,
+    stall_timeout: float,
+) -> None:
     """Start the whole farm in one process: API, scheduler and local node agents."""
     from cli.farm import running_farm
+
+    settings = _settings(data_dir, blender)
+    settings.task_timeout_s, settings.stall_timeout_s = task_timeout, stall_timeout
 
     async def serve() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with running_farm(_settings(data_dir, blender), host, port, agents) as farm:
+        async with running_farm(settings, host, port, agents) as farm:
             console.print(
                 f"renderfarm is up at [bold]{farm.url}[/] with {agents} local agent(s); "
                 f"data in {data_dir}. Ctrl-C stops it.",
@@ -113,6 +138,12 @@ def _render_options(f: Any) -> Any:
             show_default=True,
         ),
         click.option("--priority", type=click.IntRange(-100, 100), default=0, show_default=True),
+        click.option(
+            "--allow-missing",
+            is_flag=True,
+            default=None,
+            help="Render even though linked libraries are missing from the upload.",
+        ),
     ]
     for o in reversed(opts):
         f = o(f)

@@ -60,17 +60,19 @@ async def farm(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[
             yield Farm(running, client)
 
 
-def blender_pids(marker: str = "render_task.py") -> list[int]:
-    """Pids of live processes whose command line mentions ``marker`` (zombies excluded)."""
+def blender_pids(under: Path, marker: str = "render_task.py") -> list[int]:
+    """Pids of live processes running ``marker`` with a working directory inside ``under`` (no zombies)."""
     pids = []
+    root = str(under.resolve())
     for d in Path("/proc").iterdir():
         if not d.name.isdigit() or int(d.name) == os.getpid():
             continue
         try:
             cmd = (d / "cmdline").read_bytes()
             state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cwd = os.readlink(d / "cwd")
         except OSError:
             continue
-        if marker.encode() in cmd and state != "Z":
+        if marker.encode() in cmd and state != "Z" and cwd.startswith(root):
             pids.append(int(d.name))
     return pids

@@ -112,6 +112,9 @@ async def upload_model(request: web.Request) -> web.Response:
             raise ApiError(exc.status, exc.message, exc.field or "file") from exc
         model_id = new_id()
         meta = info.to_dict()
+        for dep in meta.get("dependencies", []):
+            if dep.get("outside_root"):  # never show the server's own paths
+                dep["resolved"] = dep.get("path")
         safe_name = meta.get("filename") or "model.blend"
         key = f"models/{model_id}/{'package.zip' if info.kind == 'zip' else _key_name(safe_name)}"
         await ctx.storage.put_file(key, raw)

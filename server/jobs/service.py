@@ -38,7 +38,8 @@ async def create_job(ctx: FarmContext, req: dict[str, Any]) -> Job:
 
     Raises:
         ApiError: 404 for an unknown model; 400 naming ``frames`` (with the bad token),
-            ``scene`` or ``camera``; 422 when the scene cannot render (no camera).
+            ``scene`` or ``camera``; 422 when the scene cannot render (no camera) or the
+            model links libraries it does not hold (unless ``allow_missing``).
     """
     try:
         frames = parse_frames(req["frames"])
@@ -49,6 +50,8 @@ async def create_job(ctx: FarmContext, req: dict[str, Any]) -> Job:
         if model is None:
             raise ApiError(404, f"model {req['model_id']!r} not found", "model_id")
         scene = _check_scene(model.info, req.get("scene"), req.get("camera"))
+        if not req.get("allow_missing"):
+            _check_libraries(model.info)
         overrides = {
             k: req.get(k)
             for k in (
@@ -101,6 +104,21 @@ def _check_scene(info: dict[str, Any], scene: str | None, camera: str | None) ->
         problem = sc.get("problem") or "it cannot render"
         raise ApiError(422, f"scene {name!r} cannot render: {problem}", "scene")
     return name
+
+
+def _check_libraries(info: dict[str, Any]) -> None:
+    missing = [
+        d.get("path")
+        for d in info.get("dependencies", [])
+        if isinstance(d, dict) and d.get("kind") == "library" and d.get("missing")
+    ]
+    if missing:
+        raise ApiError(
+            422,
+            f"the model links libraries that are not in it: {', '.join(map(str, missing))}; upload a .zip "
+            "holding them, or set allow_missing to render without them",
+            "model_id",
+        )
 
 
 def _outbox_for(task: Task, job: Job) -> OutboxMessage:

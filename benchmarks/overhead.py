@@ -1,0 +1,154 @@
+"""Farm overhead: the same N frames (a) in one plain Blender process, (b) through `renderfarm up`.
+
+Usage::
+
+    .venv/bin/python benchmarks/overhead.py [--frames 10] [--repeat 3]
+
+(a) runs one Blender process that opens the sample scene and renders frames
+1..N as an animation (what an artist's shell loop does). (b) starts
+`renderfarm up --agents 1` once, uploads the scene once, then for each
+repeat submits a job of frames 1..N in one chunk and waits (polling every
+50 ms) until it completes, so (b) counts dispatch, the Blender start, the
+render, the frame checks and uploads, and the result report. (b+) is the
+same plus the model upload and inspection and the download of the frames,
+as `renderfarm submit --wait --download` does it. Runs alternate a, b, b+ so
+that drift of the shared machine hits each alike; medians and the median of
+the per-run ratios are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cli.client import FarmClient  # noqa: E402
+from cli.farm import free_port, make_sample_scene  # noqa: E402
+
+PLAIN = textwrap.dedent(
+    """
+    import sys, bpy
+    blend, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    bpy.ops.wm.open_mainfile(filepath=blend, load_ui=False, use_scripts=False)
+    s = bpy.context.scene
+    s.frame_start, s.frame_end, s.frame_step = 1, n, 1
+    s.render.filepath = out + "/frame_######"
+    s.render.image_settings.file_format = "PNG"
+    bpy.ops.render.render(animation=True)
+    """
+)
+
+
+def plain(blend: Path, n: int, tmp: Path) -> float:
+    """Seconds for one Blender process to render frames 1..n."""
+    out = Path(tempfile.mkdtemp(dir=tmp))
+    script = tmp / "plain.py"
+    script.write_text(PLAIN)
+    t = time.perf_counter()
+    subprocess.run(
+        [sys.executable, str(script), str(blend), str(out), str(n)], check=True, capture_output=True
+    )
+    took = time.perf_counter() - t
+    assert len(list(out.glob("*.png"))) == n
+    return took
+
+
+async def farm_job(url: str, model_id: str, n: int) -> float:
+    """Seconds from job submission to completion through the farm."""
+    async with FarmClient(url) as c:
+        t = time.perf_counter()
+        job = await c.create_job(model_id=model_id, frames=f"1-{n}", chunk_size=n)
+        final = await c.wait(job["id"], poll_s=0.05)
+        took = time.perf_counter() - t
+    assert final["state"] == "completed" and final["frames_done"] == n, final
+    return took
+
+
+async def farm_full(url: str, blend: Path, n: int, tmp: Path) -> float:
+    """Seconds for upload + inspection + job + download, as `submit --wait --download` does."""
+    out = Path(tempfile.mkdtemp(dir=tmp))
+    async with FarmClient(url) as c:
+        t = time.perf_counter()
+        model = await c.upload_model(blend)
+        job = await c.create_job(model_id=model["id"], frames=f"1-{n}", chunk_size=n)
+        final = await c.wait(job["id"], poll_s=0.05)
+        paths = await c.download(job["id"], out)
+        took = time.perf_counter() - t
+    assert final["state"] == "completed" and len(paths) == n
+    return took
+
+
+def main() -> None:
+    """Run the benchmark and print the figures."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--frames", type=int, default=10)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    n = args.frames
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        blend = asyncio.run(make_sample_scene(tmp / "sample_scene.blend"))
+        port = free_port()
+        up = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("renderfarm")),
+                "up",
+                "--port",
+                str(port),
+                "--agents",
+                "1",
+                "--data-dir",
+                str(tmp / "farm"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+
+            async def upload() -> str:
+                for _ in range(200):
+                    try:
+                        async with FarmClient(url) as c:
+                            return (await c.upload_model(blend))["id"]
+                    except Exception:
+                        await asyncio.sleep(0.1)
+                raise RuntimeError("farm did not start")
+
+            model_id = asyncio.run(upload())
+            asyncio.run(farm_job(url, model_id, 1))  # warm-up: first Blender start, caches
+            plain(blend, 1, tmp)
+            a, b, full = [], [], []
+            for i in range(args.repeat):
+                a.append(plain(blend, n, tmp))
+                b.append(asyncio.run(farm_job(url, model_id, n)))
+                full.append(asyncio.run(farm_full(url, blend, n, tmp)))
+                print(
+                    f"run {i + 1}: plain {a[-1]:.2f} s, farm job {b[-1]:.2f} s, "
+                    f"farm with upload+download {full[-1]:.2f} s",
+                    flush=True,
+                )
+        finally:
+            up.terminate()
+            up.wait(30)
+    ratios = [y / x for x, y in zip(a, b, strict=True)]
+    ratios_full = [y / x for x, y in zip(a, full, strict=True)]
+    print(f"\n{n} frames of the sample scene (320x240, Cycles 16 samples), {args.repeat} runs, medians:")
+    print(f"  (a)  one plain Blender process:              {statistics.median(a):7.2f} s")
+    print(f"  (b)  renderfarm up, 1 agent, job only:       {statistics.median(b):7.2f} s")
+    print(f"  (b+) renderfarm, upload+inspect+job+download: {statistics.median(full):7.2f} s")
+    print(f"  ratio b/a (median of per-run ratios):  {statistics.median(ratios):.3f}   (target <= 1.10)")
+    print(f"  ratio b+/a (median of per-run ratios): {statistics.median(ratios_full):.3f}")
+
+
+if __name__ == "__main__":
+    main()

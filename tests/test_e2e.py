@@ -1,0 +1,166 @@
+"""End to end with real Blender: the CLI against `renderfarm up`, and cancel during a render."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cli.farm import free_port
+from tests.conftest import Farm, blender_pids
+
+pytestmark = pytest.mark.blender
+RENDERFARM = [str(Path(sys.executable).with_name("renderfarm"))]  # the installed console script
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*RENDERFARM, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def farm_process(tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """`renderfarm up` as a separate process on a free port; stopped with SIGTERM.
+
+    ``@pytest.mark.up_args(...)`` adds options to ``renderfarm up``.
+    """
+    port = free_port()
+    marker = request.node.get_closest_marker("up_args")
+    extra = list(marker.args) if marker else []
+    proc = subprocess.Popen(
+        [*RENDERFARM, "up", "--port", str(port), "--data-dir", str(tmp_path / "farm"), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail("renderfarm up exited: " + (proc.stdout.read() if proc.stdout else ""))
+        try:
+            import urllib.request
+
+            with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.2)
+    yield url
+    proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(timeout=20) == 0
+    finally:
+        proc.kill()
+
+
+def test_cli_submit_wait_download_renders_four_distinct_frames(
+    farm_process: str, sample_blend: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    res = _cli(
+        "submit",
+        str(sample_blend),
+        "--frames",
+        "1-4",
+        "--chunk",
+        "2",
+        "--resolution",
+        "50",
+        "--server",
+        farm_process,
+        "--wait",
+        "--download",
+        str(out),
+    )
+    assert res.returncode == 0, res.stderr
+    job_id = res.stdout.strip().splitlines()[-1]
+    files = sorted(out.iterdir())
+    assert [f.name for f in files] == [f"frame_00000{i}.png" for i in range(1, 5)]
+    pixels = []
+    for f in files:
+        with Image.open(f) as im:
+            im.verify()
+        with Image.open(f) as im:
+            assert im.size == (160, 120)  # 320x240 at 50 %
+            pixels.append(im.convert("RGB").tobytes())
+    for a, b in itertools.combinations(pixels, 2):
+        assert a != b  # the sample scene is animated: every frame differs
+
+    res = _cli("status", job_id, "--server", farm_process)
+    assert res.returncode == 0 and "completed" in res.stderr and "100.0%" in res.stderr
+    again = tmp_path / "again"
+    res = _cli("download", job_id, str(again), "--server", farm_process)
+    assert res.returncode == 0, res.stderr
+    assert [p.read_bytes() for p in sorted(again.iterdir())] == [p.read_bytes() for p in files]
+
+
+def test_cli_errors_are_clear_and_exit_non_zero(farm_process: str, sample_blend: Path, corpus: Path) -> None:
+    res = _cli("submit", str(sample_blend), "--frames", "1-10x0", "--server", farm_process)
+    assert res.returncode == 2 and "1-10x0" in res.stderr and "frames" in res.stderr
+    res = _cli("submit", str(corpus / "basic_file.blend"), "--frames", "1", "--server", farm_process)
+    assert res.returncode == 2 and "no camera" in res.stderr
+    res = _cli("submit", str(corpus / "corrupt_only_magic.blend"), "--frames", "1", "--server", farm_process)
+    assert res.returncode == 2 and "corrupt" in res.stderr
+    res = _cli("status", "nope", "--server", farm_process)
+    assert res.returncode == 2 and "not found" in res.stderr
+    res = _cli("status", "nope", "--server", "http://127.0.0.1:9")
+    assert res.returncode == 2 and "cannot reach" in res.stderr
+
+
+@pytest.mark.up_args("--task-timeout", "4")
+def test_cli_failed_job_exits_1_with_the_reason(farm_process: str, sample_blend: Path) -> None:
+    """A render past the hard timeout is killed; the job fails and `submit --wait` says why."""
+    res = _cli(
+        "submit",
+        str(sample_blend),
+        "--frames",
+        "1",
+        "--samples",
+        "1000000",
+        "--server",
+        farm_process,
+        "--wait",
+    )
+    assert res.returncode == 1, res.stderr
+    assert "failed" in res.stderr and "timed out after 4 s" in res.stderr
+
+
+async def test_cancel_stops_blender_within_5_s_and_leaves_no_process(farm: Farm, sample_blend: Path) -> None:
+    model = await farm.client.upload_model(sample_blend)
+    job = await farm.client.create_job(
+        model_id=model["id"], frames="1-3", chunk_size=3, samples=1_000_000, resolution_percentage=100
+    )
+    deadline = time.monotonic() + 60
+    while not blender_pids(farm.settings.data_dir):
+        assert time.monotonic() < deadline, "Blender never started"
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.5)  # let it get into the render
+    assert blender_pids(farm.settings.data_dir)
+    t0 = time.monotonic()
+    canceled = await farm.client.cancel(job["id"])
+    assert canceled["state"] == "canceled"
+    while blender_pids(farm.settings.data_dir):
+        assert time.monotonic() - t0 < 5, "Blender still running 5 s after cancel"
+        await asyncio.sleep(0.05)
+    stopped_after = time.monotonic() - t0
+    assert stopped_after < 5
+    await asyncio.sleep(1)
+    assert blender_pids(farm.settings.data_dir) == []
+    final = await farm.client.job(job["id"])
+    assert final["state"] == "canceled" and final["frames_done"] == 0
+    [task] = await farm.client.tasks(job["id"])
+    assert task["state"] == "canceled"
+    # the attempt folder is cleaned up
+    attempts = farm.settings.data_dir / "agents" / "agent-1" / "attempts"
+    for _ in range(50):  # polling a folder: there is no event to wait on
+        if not any(attempts.iterdir()):
+            break
+        await asyncio.sleep(0.1)
+    assert list(attempts.iterdir()) == []
