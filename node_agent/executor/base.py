@@ -1,0 +1,93 @@
+"""What every render executor takes and returns.
+
+An executor runs one Blender process for one task attempt (a local subprocess, or a
+container) and reports how it ended. It never decides whether the task succeeded: the
+caller reads the events and the manifest for that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+LOG_TAIL_LINES = 50
+"""How many of the last output lines a :class:`RunOutcome` keeps."""
+
+REASONS = ("exited", "timeout", "stalled", "canceled", "spawn_failed")
+"""Possible values of :attr:`RunOutcome.reason`."""
+
+
+class BlenderNotFound(RuntimeError):
+    """Neither a Blender binary nor the bpy module is available to run renders."""
+
+
+@dataclass(frozen=True)
+class BlenderRun:
+    """One Blender run.
+
+    Attributes:
+        script: the Python script Blender runs (e.g. ``template_path("render_task.py")``).
+        args: arguments for the script; they follow the script for the bpy module and
+            ``--`` for a Blender binary, so the script reads them the same way.
+        cwd: working directory of the process (also its ``HOME``); must exist.
+        timeout_s: hard limit on the whole run, in seconds.
+        stall_timeout_s: the run is killed when it prints nothing for this many seconds.
+        env: extra environment variables, added to the minimal environment the
+            executor builds (variables that look like secrets are still dropped).
+    """
+
+    script: Path
+    args: list[str]
+    cwd: Path
+    timeout_s: float
+    stall_timeout_s: float
+    env: dict[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a run ended.
+
+    Attributes:
+        exit_code: the process's exit status; None if the executor killed it (timeout,
+            stall, cancel) or it never started; negative ``-N`` when signal N ended it on
+            its own (e.g. -6 for SIGABRT, -9 for an OOM kill).
+        reason: ``"exited"`` (ended by itself), ``"timeout"`` (``timeout_s`` passed),
+            ``"stalled"`` (no output for ``stall_timeout_s``), ``"canceled"`` (the cancel
+            event was set) or ``"spawn_failed"`` (the process could not be started).
+        log_tail: the last :data:`LOG_TAIL_LINES` output lines (stdout and stderr
+            interleaved, decoded, each at most 64 KiB); for ``spawn_failed``, the error.
+        duration_s: wall-clock seconds from spawn to the end of the run (reaped).
+    """
+
+    exit_code: int | None
+    reason: str
+    log_tail: list[str]
+    duration_s: float
+
+    @property
+    def ok(self) -> bool:
+        """True when the process exited by itself with status 0."""
+        return self.reason == "exited" and self.exit_code == 0
+
+
+class Executor(Protocol):
+    """Runs Blender processes."""
+
+    async def run(
+        self,
+        run: BlenderRun,
+        on_line: Callable[[str], None],
+        cancel: asyncio.Event | None = None,
+    ) -> RunOutcome:
+        """Run ``run`` to its end and return how it ended; never leaves a process behind.
+
+        ``on_line`` is called with every output line as it arrives (exceptions it raises
+        are logged and ignored). Setting ``cancel`` stops the run within 5 seconds with
+        reason ``"canceled"``. Raises nothing for failures of the run itself: they are
+        in the outcome.
+        """
+        ...
