@@ -114,7 +114,10 @@ class NodeAgent:
 
     async def run(self) -> None:
         """Consume task messages until cancelled."""
-        (self.work_dir / "attempts").mkdir(parents=True, exist_ok=True)
+        attempts = self.work_dir / "attempts"
+        if attempts.exists():  # left by a previous run of this agent that was killed
+            await asyncio.to_thread(shutil.rmtree, attempts, True)
+        attempts.mkdir(parents=True, exist_ok=True)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120)
         async with aiohttp.ClientSession(
             timeout=timeout, headers={"Authorization": f"Bearer {self.token}"}

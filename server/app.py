@@ -11,6 +11,7 @@ from server.api.middleware import CTX, errors_middleware, permission_middleware
 from server.api.registry import add_routes
 from server.context import FarmContext
 from server.scheduler import Scheduler
+from server.scheduler.recovery import requeue_queued_tasks
 
 log = logging.getLogger(__name__)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
@@ -32,6 +33,10 @@ def create_app(ctx: FarmContext, *, run_scheduler: bool = True) -> web.Applicati
 
     async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
         await ctx.db.create_all()
+        if getattr(ctx.broker, "durable", True) is False:
+            n = await requeue_queued_tasks(ctx)
+            if n:
+                log.warning("requeued %d queued task(s) left from the previous run", n)
         scheduler = Scheduler(ctx)
         if run_scheduler:
             scheduler.start()

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cli.farm import free_port
-from tests.conftest import Farm, blender_pids
+from cli.client import FarmClient
+from cli.farm import free_port, running_farm
+from tests.conftest import Farm, blender_pids, farm_settings
 
 pytestmark = pytest.mark.blender
 RENDERFARM = [str(Path(sys.executable).with_name("renderfarm"))]  # the installed console script
@@ -164,3 +165,60 @@ async def test_cancel_stops_blender_within_5_s_and_leaves_no_process(farm: Farm,
             break
         await asyncio.sleep(0.1)
     assert list(attempts.iterdir()) == []
+
+
+async def test_a_restarted_farm_finishes_queued_and_orphaned_tasks(
+    tmp_path: Path, sample_blend: Path
+) -> None:
+    """Stopping the embedded farm loses its in-process queue; the database brings the work back."""
+    data = tmp_path / "farm"
+    async with running_farm(farm_settings(data, lease_s=2), port=free_port(), agents=0) as first:
+        async with FarmClient(first.url) as c:
+            model = await c.upload_model(sample_blend)
+            job = await c.create_job(
+                model_id=model["id"], frames="1-2", chunk_size=1, resolution_percentage=25
+            )
+            task = (await c.tasks(job["id"]))[0]
+            # an agent takes the first task and dies: no heartbeat, no result
+            async with c.http.post(
+                f"{first.url}/api/agent/tasks/{task['id']}/claim",
+                json={"agent": "doomed"},
+                headers={"Authorization": f"Bearer {first.ctx.agent_token}"},
+            ) as r:
+                assert r.status == 200
+    async with running_farm(farm_settings(data, lease_s=2), port=free_port(), agents=1) as second:
+        async with FarmClient(second.url) as c:
+            final = await asyncio.wait_for(c.wait(job["id"], poll_s=0.2), 120)
+            assert final["state"] == "completed" and final["frames_done"] == 2
+            tasks = await c.tasks(job["id"])
+            assert tasks[0]["attempts"] == 2 and tasks[1]["attempts"] == 1
+
+
+def test_killing_the_farm_leaves_no_blender_behind(tmp_path: Path, sample_blend: Path) -> None:
+    port = free_port()
+    data = tmp_path / "farm"
+    proc = subprocess.Popen(
+        [*RENDERFARM, "up", "--port", str(port), "--data-dir", str(data)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        res = None
+        for _ in range(100):
+            res = _cli("submit", str(sample_blend), "--frames", "1", "--samples", "1000000", "--server", url)
+            if res.returncode == 0:
+                break
+            time.sleep(0.2)
+        assert res is not None and res.returncode == 0, res.stderr if res else ""
+        deadline = time.monotonic() + 60
+        while not blender_pids(data):
+            assert time.monotonic() < deadline, "Blender never started"
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 3
+    while blender_pids(data) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert blender_pids(data) == []

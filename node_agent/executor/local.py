@@ -59,6 +59,35 @@ def minimal_env(cwd: Path, extra: Mapping[str, str] | None = None) -> dict[str, 
     return env
 
 
+_PR_SET_PDEATHSIG = 1
+"""prctl(2) option: signal this process gets when its parent thread exits (Linux)."""
+
+
+def _die_with_parent_hook() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes Blender get SIGKILL if the agent dies (even by SIGKILL).
+
+    Blender runs in its own session so that a cancel can kill its whole group; without
+    this hook an agent killed with SIGKILL would leave it rendering. Linux only (prctl(2)
+    ``PR_SET_PDEATHSIG``); elsewhere ``None``.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    parent = os.getpid()
+
+    def hook() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the agent died before prctl took effect
+            os._exit(1)
+
+    return hook
+
+
 def _signal_group(pgid: int, sig: int) -> None:
     """Send ``sig`` to process group ``pgid``; a group that is already gone is fine."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -167,6 +196,7 @@ class LocalExecutor:
                 stdout=write_fd,
                 stderr=write_fd,
                 start_new_session=True,
+                preexec_fn=_die_with_parent_hook(),
             )
         except (OSError, ValueError) as exc:
             os.close(read_fd)

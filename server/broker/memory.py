@@ -48,7 +48,13 @@ class _Queue:
 
 
 class MemoryBroker:
-    """Queues live in this process; a consumer that stops without acking gives its message back."""
+    """Queues live in this process; a consumer that stops without acking gives its message back.
+
+    Not durable: messages are lost when the process ends (``durable = False`` tells the
+    server to requeue queued tasks from the database on start).
+    """
+
+    durable = False
 
     def __init__(self) -> None:
         self._queues: dict[str, _Queue] = {}

@@ -81,7 +81,7 @@ async def create_job(ctx: FarmContext, req: dict[str, Any]) -> Job:
         for i, chunk in enumerate(chunk_frames(frames, req["chunk_size"])):
             task = Task(id=new_id(), job_id=job.id, index=i, frames=chunk)
             s.add(task)
-            s.add(_outbox_for(task, job))
+            s.add(outbox_for(task, job))
         await s.commit()
     ctx.outbox_ready.set()
     await publish_job(ctx, job.id)
@@ -121,7 +121,8 @@ def _check_libraries(info: dict[str, Any]) -> None:
         )
 
 
-def _outbox_for(task: Task, job: Job) -> OutboxMessage:
+def outbox_for(task: Task, job: Job) -> OutboxMessage:
+    """The outbox row that will put ``task`` on the task queue at the job's priority."""
     msg = TaskMessage(task_id=task.id, job_id=job.id, priority=job.priority)
     return OutboxMessage(queue=TASK_QUEUE, payload=msg.to_dict(), priority=job.priority)
 
@@ -452,7 +453,7 @@ async def requeue_expired(ctx: FarmContext) -> int:
             else:
                 task.state = sm.QUEUED
                 task.message = f"requeued: lease of agent {task.agent} expired"
-                s.add(_outbox_for(task, job))
+                s.add(outbox_for(task, job))
             await _refresh_job_state(s, job)
             touched.add(job.id)
         await s.commit()
