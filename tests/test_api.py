@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import aiohttp
 import pytest
 from PIL import Image
 from sqlalchemy import func, select
@@ -253,3 +254,29 @@ async def test_cancel_of_a_queued_job_and_of_a_finished_one(farm: Farm, sample_b
         json={"agent": "late"},
     )
     assert status == 409  # a canceled task is not handed out
+
+
+@pytest.mark.blender
+@pytest.mark.agents(0)
+async def test_multipart_upload_and_model_metadata(farm: Farm, sample_blend: Path) -> None:
+    form = aiohttp.FormData()
+    form.add_field(
+        "file",
+        sample_blend.read_bytes(),
+        filename="shot 010 ñ.blend",
+        content_type="application/octet-stream",
+    )
+    status, model = await _req(farm, "POST", "/api/models", data=form)
+    assert status == 201, model
+    assert model["kind"] == "blend" and model["filename"].endswith(".blend")
+    info = model["info"]
+    assert info["version"] == "5.0" and info["compression"] == "none"
+    [scene] = info["scenes"]
+    assert scene["camera"] == "Camera" and scene["renderable"]
+    assert (scene["frame_start"], scene["frame_end"]) == (1, 24)
+    assert (scene["resolution_x"], scene["resolution_y"]) == (320, 240)
+    assert scene["engine"] == "CYCLES" and scene["output_format"] == "PNG"
+    status, again = await _req(farm, "GET", f"/api/models/{model['id']}")
+    assert status == 200 and again == model
+    status, listing = await _req(farm, "GET", "/api/models")
+    assert [m["id"] for m in listing["models"]] == [model["id"]]

@@ -193,7 +193,7 @@ async def publish_job(ctx: FarmContext, job_id: str) -> dict[str, Any]:
     """Refresh the cached status of a job (after a commit) and send it to the job's event channel."""
     summary = await job_summary(ctx, job_id)
     try:
-        await ctx.cache.set(f"job:{job_id}", summary)
+        await ctx.cache.set(f"job:{job_id}", summary, ttl_s=86400)
         await ctx.cache.publish(f"job:{job_id}", {"type": "job", "job": summary})
     except Exception:  # the cache is a copy; the database stays right
         log.warning("cache update failed for job %s", job_id, exc_info=True)
