@@ -164,7 +164,11 @@ class NodeAgent:
         attempt.out_dir.mkdir(parents=True)
         started = time.monotonic()
         try:
-            outcome, message = await self._render(attempt, folder)
+            try:
+                outcome, message = await self._render(attempt, folder)
+            except asyncio.CancelledError:  # the agent is stopping: hand the task back
+                await asyncio.shield(self._release(spec))
+                raise
             if attempt.stale:
                 log.info("task %s: attempt abandoned (canceled or requeued)", task_id)
                 return
@@ -256,6 +260,20 @@ class NodeAgent:
                 await heart
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await uploader
+
+    async def _release(self, spec: TaskSpec) -> None:
+        try:
+            await asyncio.wait_for(
+                self._call(
+                    "POST",
+                    f"/api/agent/tasks/{spec.task_id}/release",
+                    retries=1,
+                    json={"lease_id": spec.lease_id},
+                ),
+                5,
+            )
+        except (ServerError, TimeoutError) as exc:
+            log.warning("could not hand task %s back (its lease will expire): %s", spec.task_id, exc)
 
     async def _heartbeat(self, attempt: _Attempt) -> None:
         spec = attempt.spec

@@ -16,6 +16,9 @@ from protocol.messages import TaskSpec
 from server.model_manager.archive import extract_zip
 from server.model_manager.limits import ModelLimits
 
+BLEND_NAME = "model.blend"
+"""Name of a lone .blend in the cache."""
+
 
 class InputError(Exception):
     """The input could not be fetched, did not match its hash, or is not safe to unpack."""
@@ -47,7 +50,10 @@ class InputCache:
             if not (folder / "ready").exists():
                 await self._download(http, server_url + spec.model_url, spec, folder)
         files = (folder / "files").resolve()
-        main = (files / (spec.model_main or "")).resolve()
+        # A lone .blend is cached under one name, whatever it was uploaded as: the same
+        # content may come under several names, and the cache is keyed by content.
+        main_rel = spec.model_main if spec.model_kind == "zip" else BLEND_NAME
+        main = (files / (main_rel or "")).resolve()
         if not main.is_relative_to(files) or not main.is_file():
             raise InputError(f"main file {spec.model_main!r} is not inside the model")
         return main
@@ -76,8 +82,7 @@ class InputCache:
                 await asyncio.to_thread(extract_zip, raw, files, self.limits)
                 raw.unlink()
             else:
-                name = Path(spec.model_main or "model.blend").name
-                os.replace(raw, files / name)
+                os.replace(raw, files / BLEND_NAME)
             await asyncio.to_thread(_make_read_only, files)
             (staging / "ready").touch()
             if folder.exists():

@@ -11,6 +11,7 @@ one process and one data directory:
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -63,10 +64,41 @@ class Settings:
         return self.data_dir / "tmp"
 
     def ensure_dirs(self) -> None:
-        """Create the data folders, readable by the owner only."""
-        for d in (self.data_dir, self.tmp_dir):
-            d.mkdir(parents=True, exist_ok=True)
-            os.chmod(d, 0o700)
+        """Create the data folders, readable by the owner only.
+
+        Raises:
+            ValueError: naming the data folder when it cannot be created or written.
+        """
+        try:
+            for d in (self.data_dir, self.tmp_dir):
+                d.mkdir(parents=True, exist_ok=True)
+                os.chmod(d, 0o700)
+        except OSError as exc:
+            raise ValueError(f"data dir {self.data_dir} is not usable: {exc.strerror or exc}") from exc
+
+    def lock_data_dir(self) -> int:
+        """Take an exclusive lock on the data folder; returns the lock's file descriptor.
+
+        Two farms sharing one SQLite file and one set of agent folders would corrupt
+        each other's work, so a second one is refused. The lock goes with the process.
+
+        Raises:
+            ValueError: when another process holds the lock (naming its pid).
+        """
+        path = self.data_dir / "lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ValueError(
+                f"data dir {self.data_dir} is in use by another renderfarm (pid {holder}); "
+                "stop it or choose another --data-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        return fd
 
     def secret(self, name: str) -> str:
         """Return a random secret kept in ``data_dir/secrets/<name>`` (mode 0600), made on first use."""

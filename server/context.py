@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass, field
 
 from node_agent.executor.base import Executor
@@ -29,6 +30,7 @@ class FarmContext:
     storage: Storage
     agent_token: str
     executor: Executor
+    lock_fd: int = -1
     inspect_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
     outbox_ready: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -37,9 +39,11 @@ class FarmContext:
         """Open every backend named by ``settings``.
 
         Raises:
-            ValueError: naming the first backend URL that is not usable.
+            ValueError: naming the first backend URL that is not usable, or the data
+                folder when it cannot be written or another farm uses it.
         """
         settings.ensure_dirs()
+        lock_fd = settings.lock_data_dir()
         return cls(
             settings=settings,
             db=Database(settings.database_url),
@@ -48,6 +52,7 @@ class FarmContext:
             storage=open_storage(settings.storage_url, settings.secret("storage-signing-key")),
             agent_token=settings.secret("agent-token"),
             executor=LocalExecutor(settings.blender),
+            lock_fd=lock_fd,
         )
 
     async def close(self) -> None:
@@ -55,3 +60,6 @@ class FarmContext:
         await self.broker.close()
         await self.cache.close()
         await self.db.close()
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1

@@ -224,10 +224,12 @@ def apply_overrides(scene: bpy.types.Scene, params: dict) -> bpy.types.Object | 
     render = scene.render
     engine = params["engine"]
     if engine is not None:
-        engines = [item.identifier for item in render.bl_rna.properties["engine"].enum_items]
-        if engine not in engines:
-            raise TaskError(f"unknown engine {_quote(engine)}; engines available: {_names(engines)}")
-        render.engine = engine
+        # The engine enum is dynamic (add-on engines such as Cycles register at run time),
+        # so RNA's static enum_items lists only part of it: assigning is the real check.
+        try:
+            render.engine = engine
+        except TypeError as exc:
+            raise TaskError(f"unknown engine {_quote(engine)}: {exc}") from None
 
     samples = params["samples"]
     if samples is not None:

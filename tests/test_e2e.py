@@ -222,3 +222,26 @@ def test_killing_the_farm_leaves_no_blender_behind(tmp_path: Path, sample_blend:
     while blender_pids(data) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert blender_pids(data) == []
+
+
+async def test_a_clean_stop_hands_the_running_task_back(tmp_path: Path, sample_blend: Path) -> None:
+    data = tmp_path / "farm"
+    async with running_farm(farm_settings(data), port=free_port(), agents=1) as farm:
+        async with FarmClient(farm.url) as c:
+            model = await c.upload_model(sample_blend)
+            job = await c.create_job(model_id=model["id"], frames="1", samples=1_000_000)
+            for _ in range(600):
+                if blender_pids(data):
+                    break
+                await asyncio.sleep(0.1)
+            assert blender_pids(data), "Blender never started"
+    assert blender_pids(data) == []
+    async with running_farm(farm_settings(data), port=free_port(), agents=0) as farm:
+        async with FarmClient(farm.url) as c:
+            [task] = await c.tasks(job["id"])
+            assert task["state"] == "queued" and task["attempts"] == 0
+            assert "released" in task["message"]
+            # and a second farm on the same data dir is refused
+            with pytest.raises(ValueError, match="in use by another renderfarm"):
+                async with running_farm(farm_settings(data), port=free_port(), agents=0):
+                    pass

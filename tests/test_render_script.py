@@ -269,7 +269,7 @@ def test_injection_in_scene_and_camera_names_runs_nothing(tmp_path, demo_blend):
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ({"engine": "NOT_AN_ENGINE"}, "unknown engine 'NOT_AN_ENGINE'; engines available:"),
+        ({"engine": "NOT_AN_ENGINE"}, "unknown engine 'NOT_AN_ENGINE'"),
         ({"resolution_percentage": 0}, "resolution_percentage 0 is outside Blender's range 1..32767"),
         ({"resolution_x": 2}, "resolution_x 2 is outside Blender's range 4..65536"),
         ({"samples": 0}, "samples 0 is outside Blender's range"),
@@ -324,3 +324,13 @@ def test_sequencer_file_without_camera_renders_png(tmp_path):
     with Image.open(path) as im:
         assert im.format == "PNG"
         assert im.size == (info["x"] * 10 // 100, info["y"] * 10 // 100)
+
+
+@pytest.mark.parametrize("engine", ["BLENDER_WORKBENCH", "CYCLES"])
+def test_engine_override_renders(tmp_path, demo_blend, engine):
+    """The engine enum is dynamic: its static RNA items miss add-on engines such as Cycles."""
+    res = run_task(tmp_path, params_for(tmp_path, demo_blend, engine=engine, frames=[2]))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "done" in res.kinds()
+    with Image.open(manifest(tmp_path)["2"]) as im:
+        assert im.size == (80, 60)

@@ -99,3 +99,17 @@ async def result(request: web.Request) -> web.Response:
     req = await parse_body(request, ResultRequest)
     res = TaskResult(**req.model_dump())
     return web.json_response(await service.finish_task(ctx, request.match_info["task_id"], res))
+
+
+@route(
+    "POST",
+    "/api/agent/tasks/{task_id}/release",
+    permission="agent",
+    body=HeartbeatRequest,
+    summary="Hand a task back when the agent stops: queued again, the attempt not counted",
+)
+async def release(request: web.Request) -> web.Response:
+    """Used by an agent shutting down cleanly, so a restart does not use up the task's attempts."""
+    ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
+    req = await parse_body(request, HeartbeatRequest)
+    return web.json_response(await service.release_task(ctx, request.match_info["task_id"], req.lease_id))

@@ -432,6 +432,27 @@ async def finish_task(ctx: FarmContext, task_id: str, result: TaskResult) -> dic
     return out
 
 
+async def release_task(ctx: FarmContext, task_id: str, lease_id: str) -> dict[str, Any]:
+    """An agent that stops (shut down, not crashed) hands its task back: queued again, attempt not counted.
+
+    Raises:
+        ApiError: 409 stale lease.
+    """
+    async with ctx.db.session() as s:
+        task = await _leased_task(s, task_id, lease_id)
+        job = await s.get(Job, task.job_id)
+        sm.check_task_transition(task.state, sm.QUEUED)
+        task.state, task.message = sm.QUEUED, f"released by agent {task.agent} (stopping)"
+        task.attempts = max(0, task.attempts - 1)
+        task.lease_id = task.lease_expires_at = task.current_frame = None
+        s.add(outbox_for(task, job))
+        await _refresh_job_state(s, job)
+        await s.commit()
+    ctx.outbox_ready.set()
+    await publish_job(ctx, task.job_id)
+    return {"task_id": task_id, "state": sm.QUEUED}
+
+
 async def requeue_expired(ctx: FarmContext) -> int:
     """Requeue running tasks whose lease expired (agent lost); fail them after ``max_attempts``.
 
