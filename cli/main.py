@@ -142,7 +142,7 @@ def _render_options(f: Any) -> Any:
             "--allow-missing",
             is_flag=True,
             default=None,
-            help="Render even though linked libraries are missing from the upload.",
+            help="Render even though files the model refers to (libraries, images, caches) are missing.",
         ),
     ]
     for o in reversed(opts):

@@ -27,7 +27,10 @@ class JobCreate(_Strict):
     resolution_x: int | None = Field(None, ge=4, le=65536)
     resolution_y: int | None = Field(None, ge=4, le=65536)
     output_format: Literal["PNG", "OPEN_EXR", "JPEG"] = "PNG"
-    allow_missing: bool = Field(False, description="render even though linked libraries are missing")
+    allow_missing: bool = Field(
+        False,
+        description="render even though files the model refers to (libraries, images, caches) are missing",
+    )
 
 
 class JobSummary(BaseModel):

@@ -39,7 +39,7 @@ async def create_job(ctx: FarmContext, req: dict[str, Any]) -> Job:
     Raises:
         ApiError: 404 for an unknown model; 400 naming ``frames`` (with the bad token),
             ``scene`` or ``camera``; 422 when the scene cannot render (no camera) or the
-            model links libraries it does not hold (unless ``allow_missing``).
+            model refers to files it does not hold (unless ``allow_missing``).
     """
     try:
         frames = parse_frames(req["frames"])
@@ -51,7 +51,7 @@ async def create_job(ctx: FarmContext, req: dict[str, Any]) -> Job:
             raise ApiError(404, f"model {req['model_id']!r} not found", "model_id")
         scene = _check_scene(model.info, req.get("scene"), req.get("camera"))
         if not req.get("allow_missing"):
-            _check_libraries(model.info)
+            _check_missing(model.info)
         overrides = {
             k: req.get(k)
             for k in (
@@ -106,17 +106,20 @@ def _check_scene(info: dict[str, Any], scene: str | None, camera: str | None) ->
     return name
 
 
-def _check_libraries(info: dict[str, Any]) -> None:
+def _check_missing(info: dict[str, Any]) -> None:
+    """Refuse a model that refers to files it does not hold: Blender would render without them
+    (missing objects, magenta placeholder images, re-simulated caches) and report success."""
     missing = [
-        d.get("path")
+        f"{d.get('kind', 'file')} {d.get('path')}"
         for d in info.get("dependencies", [])
-        if isinstance(d, dict) and d.get("kind") == "library" and d.get("missing")
+        if isinstance(d, dict) and d.get("missing")
     ]
     if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise ApiError(
             422,
-            f"the model links libraries that are not in it: {', '.join(map(str, missing))}; upload a .zip "
-            "holding them, or set allow_missing to render without them",
+            f"the model refers to files that are not in it: {shown}; upload a .zip holding them, "
+            "or set allow_missing (CLI: --allow-missing) to render without them",
             "model_id",
         )
 
