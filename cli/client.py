@@ -8,10 +8,16 @@ import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
 FINISHED = ("completed", "failed", "canceled")
+
+
+def _q(ident: str) -> str:
+    """An id as one URL path segment (``/``, ``?``, ``..`` cannot reach another route)."""
+    return quote(ident, safe="")
 
 
 class ClientError(Exception):
@@ -64,6 +70,8 @@ class FarmClient:
                 return body
         except aiohttp.ClientConnectionError as exc:
             raise ClientError(f"cannot reach the server at {self.server}: {exc}") from exc
+        except aiohttp.ClientError as exc:
+            raise ClientError(f"request to {self.server} failed: {exc}") from exc
 
     async def upload_model(
         self, path: Path, main: str | None = None, progress: Callable[[int], None] | None = None
@@ -91,19 +99,19 @@ class FarmClient:
 
     async def job(self, job_id: str) -> dict[str, Any]:
         """``GET /api/jobs/{id}``."""
-        return await self._json("GET", f"/api/jobs/{job_id}")
+        return await self._json("GET", f"/api/jobs/{_q(job_id)}")
 
     async def tasks(self, job_id: str) -> list[dict[str, Any]]:
         """``GET /api/jobs/{id}/tasks``."""
-        return (await self._json("GET", f"/api/jobs/{job_id}/tasks"))["tasks"]
+        return (await self._json("GET", f"/api/jobs/{_q(job_id)}/tasks"))["tasks"]
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         """``POST /api/jobs/{id}/cancel``."""
-        return await self._json("POST", f"/api/jobs/{job_id}/cancel")
+        return await self._json("POST", f"/api/jobs/{_q(job_id)}/cancel")
 
     async def outputs(self, job_id: str) -> dict[str, Any]:
         """``GET /api/jobs/{id}/outputs``."""
-        return await self._json("GET", f"/api/jobs/{job_id}/outputs")
+        return await self._json("GET", f"/api/jobs/{_q(job_id)}/outputs")
 
     async def wait(
         self, job_id: str, on_update: Callable[[dict[str, Any]], None] | None = None, poll_s: float = 0.5
@@ -120,13 +128,23 @@ class FarmClient:
     async def download(self, job_id: str, dest: Path) -> list[Path]:
         """Download every stored frame into ``dest`` (checked against its SHA-256); returns the paths.
 
+        Raises:
+            ClientError: for an unknown job, a failed or corrupted download, or a ``dest``
+                that cannot be written.
+
         Each file is written under a temp name and renamed once whole, so an
         interrupted download leaves no half-written frame.
         """
-        dest.mkdir(parents=True, exist_ok=True)
         out = await self.outputs(job_id)
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+            return await self._download_frames(out["frames"], dest)
+        except OSError as exc:
+            raise ClientError(f"cannot write frames into {dest}: {exc.strerror or exc}") from exc
+
+    async def _download_frames(self, frames: list[dict[str, Any]], dest: Path) -> list[Path]:
         paths: list[Path] = []
-        for f in out["frames"]:
+        for f in frames:
             name = Path(f["filename"]).name
             target = dest / name
             tmp = dest / f".{name}.part"

@@ -48,6 +48,7 @@ async def running_farm(
         ValueError: naming a backend URL that cannot be used.
         OSError: when the port is taken.
     """
+    settings.loopback_only = host in ("127.0.0.1", "localhost", "::1")
     ctx = FarmContext.from_settings(settings)
     app = create_app(ctx)
     runner = web.AppRunner(app, access_log=None)

@@ -13,16 +13,36 @@ import signal
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cli.client import ClientError, FarmClient
+from protocol.frames import FrameSpecError, parse_frames
 
 console = Console(stderr=True)
 DEFAULT_SERVER = os.environ.get("RENDERFARM_SERVER", "http://127.0.0.1:3000")
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "renderfarm"
+
+
+def _check_server(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise click.BadParameter(f"{value!r} is not a server URL such as http://127.0.0.1:3000")
+    return value
+
+
+def server_option(f: Any) -> Any:
+    """The ``--server`` option shared by every client command."""
+    return click.option(
+        "--server",
+        default=DEFAULT_SERVER,
+        show_default=True,
+        callback=_check_server,
+        help="Farm URL (or RENDERFARM_SERVER).",
+    )(f)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -154,7 +174,7 @@ def _render_options(f: Any) -> Any:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_render_options
 @click.option("--main", "main_blend", default=None, help="The .blend to open inside a .zip package.")
-@click.option("--server", default=DEFAULT_SERVER, show_default=True)
+@server_option
 @click.option("--wait", is_flag=True, help="Follow the job until it finishes.")
 @click.option(
     "--download",
@@ -166,7 +186,18 @@ def submit(
     file: Path, main_blend: str | None, server: str, wait: bool, download: Path | None, **job: Any
 ) -> None:
     """Upload FILE (.blend or .zip) and submit a job rendering it."""
-    code = asyncio.run(_submit(file, main_blend, server, wait or download is not None, download, job))
+    try:
+        parse_frames(job["frames"])
+    except FrameSpecError as exc:
+        _fail(f"{exc} (field: frames)")
+    try:
+        code = asyncio.run(_submit(file, main_blend, server, wait or download is not None, download, job))
+    except KeyboardInterrupt:
+        console.print(
+            "stopped waiting; a submitted job keeps running on the farm (renderfarm status JOB_ID)",
+            highlight=False,
+        )
+        code = 130
     sys.exit(code)
 
 
@@ -233,7 +264,7 @@ async def _follow(c: FarmClient, job_id: str, download: Path | None) -> int:
 
 @main.command()
 @click.argument("job_id")
-@click.option("--server", default=DEFAULT_SERVER, show_default=True)
+@server_option
 @click.option("--wait", is_flag=True, help="Follow the job until it finishes.")
 def status(job_id: str, server: str, wait: bool) -> None:
     """Show a job's state, progress and tasks."""
@@ -266,24 +297,33 @@ def status(job_id: str, server: str, wait: bool) -> None:
 @main.command()
 @click.argument("job_id")
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--server", default=DEFAULT_SERVER, show_default=True)
+@server_option
 def download(job_id: str, dest: Path, server: str) -> None:
-    """Download a job's stored frames into DEST."""
+    """Download a job's stored frames into DEST (exit 1 when the job has not completed)."""
 
-    async def run() -> None:
+    async def run() -> int:
         async with FarmClient(server) as c:
             try:
+                job = await c.job(job_id)
                 paths = await c.download(job_id, dest)
             except ClientError as exc:
                 _fail(str(exc))
         console.print(f"{len(paths)} frame(s) in {dest.resolve()}", highlight=False)
+        if job["state"] != "completed":
+            console.print(
+                f"[yellow]warning:[/] job {job_id} is {job['state']}: {len(paths)} of "
+                f"{job['frame_count']} frame(s) downloaded",
+                highlight=False,
+            )
+            return 1
+        return 0
 
-    asyncio.run(run())
+    sys.exit(asyncio.run(run()))
 
 
 @main.command()
 @click.argument("job_id")
-@click.option("--server", default=DEFAULT_SERVER, show_default=True)
+@server_option
 def cancel(job_id: str, server: str) -> None:
     """Cancel a job."""
 

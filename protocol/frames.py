@@ -28,11 +28,11 @@ MAX_SPEC_LENGTH = 1024
 """Longest spec accepted, in characters."""
 
 _ITEM = re.compile(
-    r"""^\s*(?P<a>-?\d{1,8})\s*
-        (?:-\s*(?P<b>-?\d{1,8})\s*
-           (?:[xX]\s*(?P<step>-?\d{1,8})\s*)?
+    r"""^[ \t]*(?P<a>-?[0-9]+)[ \t]*
+        (?:-[ \t]*(?P<b>-?[0-9]+)[ \t]*
+           (?:[xX][ \t]*(?P<step>-?[0-9]+)[ \t]*)?
         )?$""",
-    re.VERBOSE,
+    re.VERBOSE | re.ASCII,
 )
 
 
@@ -78,6 +78,10 @@ def parse_frames(spec: str) -> list[int]:
         a = int(m["a"])
         b = int(m["b"]) if m["b"] is not None else a
         step = int(m["step"]) if m["step"] is not None else 1
+        if step > MAX_FRAME - MIN_FRAME:
+            raise FrameSpecError(
+                f"bad frame spec item {token!r}: step {step} is larger than any frame range", token
+            )
         if step < 1:
             raise FrameSpecError(f"bad frame spec item {token!r}: step must be at least 1", token)
         if b < a:

@@ -7,7 +7,7 @@ import logging
 from aiohttp import web
 
 from server.api import agent, jobs, meta, models, outputs  # noqa: F401  (modules register their routes)
-from server.api.middleware import CTX, errors_middleware, permission_middleware
+from server.api.middleware import CTX, errors_middleware, origin_middleware, permission_middleware
 from server.api.registry import add_routes
 from server.context import FarmContext
 from server.scheduler import Scheduler
@@ -25,7 +25,7 @@ def create_app(ctx: FarmContext, *, run_scheduler: bool = True) -> web.Applicati
         run_scheduler: start the outbox relay and the timeout checker with the app.
     """
     app = web.Application(
-        middlewares=[errors_middleware, permission_middleware],
+        middlewares=[errors_middleware, origin_middleware, permission_middleware],
         client_max_size=ctx.settings.limits.max_upload_bytes,
     )
     app[CTX] = ctx

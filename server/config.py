@@ -33,7 +33,12 @@ class Settings:
         task_timeout_s: hard limit of one render attempt, in seconds.
         stall_timeout_s: an attempt with no Blender output for this long is killed.
         heartbeat_s: how often agents heartbeat (and learn about cancels), in seconds.
+        download_url_ttl_s: seconds a signed download link stays valid.
+        max_frame_pixels: largest frame a job may ask for (width x height in pixels after
+            the resolution percentage); 16384 x 16384 by default.
         blender: a Blender binary to use; ``None`` means ``blender`` on PATH, else bpy.
+        loopback_only: the API listens on a loopback address only, so requests naming
+            another host (DNS rebinding) are refused.
         limits: size and archive caps for uploaded models.
     """
 
@@ -48,7 +53,9 @@ class Settings:
     stall_timeout_s: float = 600.0
     heartbeat_s: float = 1.0
     download_url_ttl_s: int = 3600
+    max_frame_pixels: int = 16384 * 16384
     blender: str | None = None
+    loopback_only: bool = False
     limits: ModelLimits = field(default_factory=ModelLimits)
 
     def __post_init__(self) -> None:

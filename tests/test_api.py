@@ -280,3 +280,50 @@ async def test_multipart_upload_and_model_metadata(farm: Farm, sample_blend: Pat
     assert status == 200 and again == model
     status, listing = await _req(farm, "GET", "/api/models")
     assert [m["id"] for m in listing["models"]] == [model["id"]]
+
+
+@pytest.mark.agents(0)
+async def test_requests_a_web_page_could_forge_are_refused(farm: Farm) -> None:
+    body = {"model_id": "x", "frames": "1"}
+    status, err = await _req(farm, "POST", "/api/jobs", json=body, headers={"Origin": "http://evil.example"})
+    assert status == 403 and "cross-origin" in err["error"]["message"]
+    status, err = await _req(
+        farm, "POST", "/api/models?filename=a.blend", data=b"BLENDER", headers={"Origin": "null"}
+    )
+    assert status == 403
+    status, err = await _req(
+        farm,
+        "POST",
+        "/api/jobs",
+        data=b'{"model_id": "x", "frames": "1"}',
+        headers={"Content-Type": "text/plain"},
+    )
+    assert status == 415 and "application/json" in err["error"]["message"]
+    status, err = await _req(farm, "GET", "/api/jobs", headers={"Host": "evil.example"})
+    assert status == 421 and "evil.example" in err["error"]["message"]
+    # the farm's own origin and plain API clients (no Origin) pass
+    own = farm.url
+    status, err = await _req(farm, "POST", "/api/jobs", json=body, headers={"Origin": own})
+    assert status == 404 and err["error"]["field"] == "model_id"
+
+
+@pytest.mark.blender
+@pytest.mark.agents(0)
+async def test_same_upload_twice_is_one_model_and_huge_frames_are_refused(
+    farm: Farm, sample_blend: Path
+) -> None:
+    first = await farm.client.upload_model(sample_blend)
+    status, second = await _req(
+        farm, "POST", "/api/models?filename=other.blend", data=sample_blend.read_bytes()
+    )
+    assert status == 200 and second["id"] == first["id"]
+    stored = list((farm.settings.data_dir / "storage" / "models").iterdir())
+    assert len(stored) == 1
+    body = {"model_id": first["id"], "frames": "1", "resolution_x": 65536, "resolution_y": 65536}
+    status, err = await _req(farm, "POST", "/api/jobs", json=body)
+    assert (
+        status == 400 and "65536x65536" in err["error"]["message"] and err["error"]["field"] == "resolution_x"
+    )
+    body = {"model_id": first["id"], "frames": "1", "resolution_percentage": 1000}
+    status, err = await _req(farm, "POST", "/api/jobs", json=body)
+    assert status == 201  # 3200x2400 is fine

@@ -245,3 +245,24 @@ async def test_a_clean_stop_hands_the_running_task_back(tmp_path: Path, sample_b
             with pytest.raises(ValueError, match="in use by another renderfarm"):
                 async with running_farm(farm_settings(data), port=free_port(), agents=0):
                     pass
+
+
+@pytest.mark.up_args("--agents", "0")
+def test_cli_download_of_an_unfinished_job_and_bad_destinations(
+    farm_process: str, sample_blend: Path, tmp_path: Path
+) -> None:
+    res = _cli("submit", str(sample_blend), "--frames", "1-2", "--server", farm_process)
+    assert res.returncode == 0, res.stderr
+    job_id = res.stdout.strip().splitlines()[-1]
+    res = _cli("download", job_id, str(tmp_path / "early"), "--server", farm_process)
+    assert res.returncode == 1 and "is queued: 0 of 2 frame(s)" in res.stderr
+    res = _cli("download", job_id, "/proc/no/such/dir", "--server", farm_process)
+    assert res.returncode == 2 and "cannot write frames into /proc/no/such/dir" in res.stderr
+    assert "Traceback" not in res.stderr
+    res = _cli("download", "nosuchjob", str(tmp_path / "none"), "--server", farm_process)
+    assert res.returncode == 2 and not (tmp_path / "none").exists()
+    for bad in ("127.0.0.1:3000", "ftp://x"):
+        res = _cli("status", job_id, "--server", bad)
+        assert res.returncode == 2 and "is not a server URL" in res.stderr
+    res = _cli("cancel", f"../jobs/{job_id}", "--server", farm_process)
+    assert res.returncode == 2 and "not found" in res.stderr  # ids cannot walk to other routes

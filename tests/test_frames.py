@@ -61,6 +61,18 @@ def test_refused(spec: str) -> None:
         parse_frames(spec)
 
 
+@pytest.mark.parametrize("spec", ["100000000", "-100000000", "999999999999999999999", "1-100000000"])
+def test_out_of_range_frames_say_so(spec: str) -> None:
+    with pytest.raises(FrameSpecError, match="frames must lie within"):
+        parse_frames(spec)
+
+
+@pytest.mark.parametrize("spec", ["１-３", "٣", "1\u00a0-3", "1\n2"])
+def test_only_ascii_digits_and_plain_spaces(spec: str) -> None:
+    with pytest.raises(FrameSpecError):
+        parse_frames(spec)
+
+
 def test_chunks_take_the_list_not_the_range() -> None:
     assert chunk_frames(parse_frames("1-10x3"), 2) == [[1, 4], [7, 10]]
     assert chunk_frames(parse_frames("1-10"), 3)[-1] == [10]

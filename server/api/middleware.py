@@ -6,6 +6,7 @@ import hmac
 import json
 import logging
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -52,12 +53,47 @@ async def permission_middleware(request: web.Request, handler: Any) -> web.Strea
     return await handler(request)
 
 
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@web.middleware
+async def origin_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Refuse what a web page in the user's browser could send on the user's behalf.
+
+    * A state-changing request whose ``Origin`` is not this server's own is refused
+      (403): browsers send ``Origin`` on every cross-site POST/PUT/DELETE, including the
+      "simple" form and ``text/plain`` posts that need no CORS preflight.
+    * While the farm listens on a loopback address, a ``Host`` other than a loopback
+      name is refused (421), so a DNS-rebound name cannot reach it.
+    """
+    settings = request.app[CTX].settings  # type: ignore[attr-defined]
+    host = request.host or ""
+    if settings.loopback_only and _hostname(host) not in LOOPBACK_NAMES:
+        raise ApiError(421, f"this farm only answers to loopback host names, not {host!r}")
+    origin = request.headers.get("Origin")
+    if origin is not None and request.method not in SAFE_METHODS:
+        parsed = urlsplit(origin)
+        if origin == "null" or parsed.netloc.lower() != host.lower():
+            raise ApiError(403, f"cross-origin request from {origin!r} refused")
+    return await handler(request)
+
+
+def _hostname(host: str) -> str:
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0].lower()
+    return host.rsplit(":", 1)[0].lower() if host.count(":") == 1 else host.lower()
+
+
 async def parse_body(request: web.Request, model: type[M]) -> M:
     """Read a JSON body into ``model``.
 
     Raises:
-        ApiError: 400 naming the first field at fault, or saying the body is not JSON.
+        ApiError: 415 unless the body is sent as ``application/json``; 400 naming the
+            first field at fault, or saying the body is not JSON.
     """
+    if request.content_type != "application/json":
+        raise ApiError(415, f"send the body as application/json, not {request.content_type!r}")
     try:
         data = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -84,7 +84,8 @@ async def _receive(request: web.Request, dest: Path, max_bytes: int) -> tuple[st
     "POST",
     "/api/models",
     permission="model:create",
-    summary="Upload a .blend or a .zip holding a .blend and its files; returns its metadata",
+    summary="Upload a .blend or a .zip holding a .blend and its files; returns its metadata "
+    "(201; 200 with the earlier model when the same content was uploaded before)",
     request_content="application/octet-stream",
     response=ModelOut,
     query={"filename": "name of the uploaded file (raw body)", "main": "the .blend to open inside a zip"},
@@ -98,6 +99,9 @@ async def upload_model(request: web.Request) -> web.Response:
     try:
         raw = work / "upload.bin"
         filename, size, sha = await _receive(request, raw, limits.max_upload_bytes)
+        existing = await _same_model(ctx, sha, request.query.get("main") or None)
+        if existing is not None:  # the same bytes again: no second copy, no second inspection
+            return json_ok(model_out(existing), status=200)
         try:
             async with ctx.inspect_slots:
                 info = await ingest(
@@ -138,6 +142,16 @@ async def upload_model(request: web.Request) -> web.Response:
         return json_ok(model_out(row), status=201)
     finally:
         await asyncio.to_thread(shutil.rmtree, work, True)
+
+
+async def _same_model(ctx: FarmContext, sha256: str, main: str | None) -> Model | None:
+    """An earlier upload of the same content that would open the same .blend, if any."""
+    async with ctx.db.session() as s:
+        rows = (await s.scalars(select(Model).where(Model.sha256 == sha256).order_by(Model.created_at))).all()
+    for m in rows:
+        if (main is None and m.kind == "blend") or (main is not None and main == m.main):
+            return m
+    return None
 
 
 def _key_name(filename: str) -> str:

@@ -50,6 +50,7 @@ async def create_job(ctx: FarmContext, req: dict[str, Any]) -> Job:
         if model is None:
             raise ApiError(404, f"model {req['model_id']!r} not found", "model_id")
         scene = _check_scene(model.info, req.get("scene"), req.get("camera"))
+        _check_size(model.info, scene, req, ctx.settings.max_frame_pixels)
         if not req.get("allow_missing"):
             _check_missing(model.info)
         overrides = {
@@ -104,6 +105,22 @@ def _check_scene(info: dict[str, Any], scene: str | None, camera: str | None) ->
         problem = sc.get("problem") or "it cannot render"
         raise ApiError(422, f"scene {name!r} cannot render: {problem}", "scene")
     return name
+
+
+def _check_size(info: dict[str, Any], scene: str | None, req: dict[str, Any], max_pixels: int) -> None:
+    """Refuse frames larger than ``max_pixels`` (width x height after the percentage)."""
+    sc = next((x for x in info.get("scenes", []) if isinstance(x, dict) and x.get("name") == scene), {})
+    x = req.get("resolution_x") or sc.get("resolution_x") or 1920
+    y = req.get("resolution_y") or sc.get("resolution_y") or 1080
+    pct = req.get("resolution_percentage") or sc.get("resolution_percentage") or 100
+    w, h = int(x) * int(pct) // 100, int(y) * int(pct) // 100
+    if w * h > max_pixels:
+        raise ApiError(
+            400,
+            f"frames of {w}x{h} pixels are larger than this farm's limit of {max_pixels} pixels "
+            "(resolution_x x resolution_y x resolution_percentage)",
+            "resolution_percentage" if req.get("resolution_percentage") else "resolution_x",
+        )
 
 
 def _check_missing(info: dict[str, Any]) -> None:
