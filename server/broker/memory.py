@@ -24,9 +24,11 @@ class _MemoryDelivery:
         self._settled = False
 
     async def ack(self) -> None:
+        """See :meth:`server.broker.base.Broker.ack`."""
         self._settle()
 
     async def nack(self, requeue: bool = True) -> None:
+        """See :meth:`server.broker.base.Broker.nack`."""
         if self._settle() and requeue:
             self._queue.put(self._item.body, self._item.priority, redelivered=True)
 
@@ -44,6 +46,7 @@ class _Queue:
         self._seq = itertools.count()
 
     def put(self, body: bytes, priority: int, redelivered: bool = False) -> None:
+        """See :meth:`server.broker.base.Broker.put`."""
         self.items.put_nowait(_Item((-priority, next(self._seq)), body, priority, redelivered))
 
 
@@ -64,11 +67,13 @@ class MemoryBroker:
         return self._queues.setdefault(name, _Queue())
 
     async def publish(self, queue: str, body: bytes, priority: int = 0) -> None:
+        """See :meth:`server.broker.base.Broker.publish`."""
         if self._closed.is_set():
             raise ConnectionError("broker is closed")
         self._q(queue).put(body, priority)
 
     async def consume(self, queue: str, prefetch: int = 1) -> AsyncIterator[_MemoryDelivery]:
+        """See :meth:`server.broker.base.Broker.consume`."""
         q = self._q(queue)
         slot = asyncio.Semaphore(prefetch)
         while not self._closed.is_set():
@@ -92,7 +97,9 @@ class MemoryBroker:
                 raise
 
     async def depth(self, queue: str) -> int:
+        """See :meth:`server.broker.base.Broker.depth`."""
         return self._q(queue).items.qsize()
 
     async def close(self) -> None:
+        """See :meth:`server.broker.base.Broker.close`."""
         self._closed.set()

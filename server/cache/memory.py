@@ -17,6 +17,7 @@ class MemoryCache:
         self._max_queue = max_queue
 
     async def get(self, key: str) -> dict[str, Any] | None:
+        """See :meth:`server.cache.base.Cache.get`."""
         item = self._data.get(key)
         if item is None:
             return None
@@ -27,18 +28,22 @@ class MemoryCache:
         return value
 
     async def set(self, key: str, value: dict[str, Any], ttl_s: float | None = None) -> None:
+        """See :meth:`server.cache.base.Cache.set`."""
         self._data[key] = (time.monotonic() + ttl_s if ttl_s else None, value)
 
     async def delete(self, key: str) -> None:
+        """See :meth:`server.cache.base.Cache.delete`."""
         self._data.pop(key, None)
 
     async def publish(self, channel: str, event: dict[str, Any]) -> None:
+        """See :meth:`server.cache.base.Cache.publish`."""
         for q in list(self._subs.get(channel, ())):
             if q.full():
                 q.get_nowait()
             q.put_nowait(event)
 
     async def subscribe(self, channel: str) -> AsyncIterator[dict[str, Any]]:
+        """See :meth:`server.cache.base.Cache.subscribe`."""
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(self._max_queue)
         self._subs.setdefault(channel, set()).add(q)
         try:
@@ -48,4 +53,5 @@ class MemoryCache:
             self._subs.get(channel, set()).discard(q)
 
     async def close(self) -> None:
+        """See :meth:`server.cache.base.Cache.close`."""
         self._data.clear()

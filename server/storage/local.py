@@ -29,19 +29,24 @@ class LocalStorage:
         return path
 
     async def put_file(self, key: str, src: Path) -> int:
+        """See :meth:`server.storage.base.Storage.put_file`."""
         dest = self._path(key)
         return await asyncio.to_thread(_place, src, dest)
 
     async def exists(self, key: str) -> bool:
+        """See :meth:`server.storage.base.Storage.exists`."""
         return self._path(key).is_file()
 
     async def delete(self, key: str) -> None:
+        """See :meth:`server.storage.base.Storage.delete`."""
         self._path(key).unlink(missing_ok=True)
 
     def local_path(self, key: str) -> Path | None:
+        """See :meth:`server.storage.base.Storage.local_path`."""
         return self._path(key)
 
     def signed_url(self, key: str, ttl_s: int, filename: str | None = None) -> str:
+        """See :meth:`server.storage.base.Storage.signed_url`."""
         check_key(key)
         exp = int(time.time()) + ttl_s
         query = {"exp": str(exp), "sig": self.sign(key, exp)}
