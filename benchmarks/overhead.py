@@ -10,8 +10,8 @@ Usage::
 repeat submits a job of frames 1..N in one chunk and waits (polling every
 50 ms) until it completes, so (b) counts dispatch, the Blender start, the
 render, the frame checks and uploads, and the result report. (b+) is the
-same plus the model upload and inspection and the download of the frames,
-as `renderfarm submit --wait --download` does it. Runs alternate a, b, b+ so
+same plus the upload and inspection of a scene the farm has not seen and the
+download of the frames, as `renderfarm submit --wait --download` does it. Runs alternate a, b, b+ so
 that drift of the shared machine hits each alike; medians and the median of
 the per-run ratios are printed.
 """
@@ -73,12 +73,19 @@ async def farm_job(url: str, model_id: str, n: int) -> float:
     return took
 
 
-async def farm_full(url: str, blend: Path, n: int, tmp: Path) -> float:
-    """Seconds for upload + inspection + job + download, as `submit --wait --download` does."""
+async def farm_full(url: str, blend: Path, n: int, tmp: Path, seen: set[str]) -> float:
+    """Seconds for upload + inspection + job + download, as `submit --wait --download` does.
+
+    ``blend`` must be a scene the farm has not seen (an identical upload is reused
+    without inspection, which would flatter the figure); ``seen`` holds the model ids so far.
+    """
     out = Path(tempfile.mkdtemp(dir=tmp))
     async with FarmClient(url) as c:
         t = time.perf_counter()
         model = await c.upload_model(blend)
+        if model["id"] in seen:
+            raise RuntimeError("the upload was reused, not inspected: the benchmark needs a fresh scene")
+        seen.add(model["id"])
         job = await c.create_job(model_id=model["id"], frames=f"1-{n}", chunk_size=n)
         final = await c.wait(job["id"], poll_s=0.05)
         paths = await c.download(job["id"], out)
@@ -125,13 +132,15 @@ def main() -> None:
                 raise RuntimeError("farm did not start")
 
             model_id = asyncio.run(upload())
+            seen = {model_id}
             asyncio.run(farm_job(url, model_id, 1))  # warm-up: first Blender start, caches
             plain(blend, 1, tmp)
             a, b, full = [], [], []
             for i in range(args.repeat):
                 a.append(plain(blend, n, tmp))
                 b.append(asyncio.run(farm_job(url, model_id, n)))
-                full.append(asyncio.run(farm_full(url, blend, n, tmp)))
+                fresh = asyncio.run(make_sample_scene(tmp / f"fresh{i}.blend"))  # new bytes, not timed
+                full.append(asyncio.run(farm_full(url, fresh, n, tmp, seen)))
                 print(
                     f"run {i + 1}: plain {a[-1]:.2f} s, farm job {b[-1]:.2f} s, "
                     f"farm with upload+download {full[-1]:.2f} s",
