@@ -189,6 +189,8 @@ async def test_frames_are_stored_once_and_missing_frames_fail_the_task(
         data=_png((0, 0, 0)),
     )
     assert status == 400  # not a frame of this task
+    status, err = await _req(farm, "PUT", up + lease, token=token, data=b"#!/bin/sh\nrm -rf /\n")
+    assert status == 400 and "not a .png image" in err["error"]["message"]
     async with farm.ctx.db.session() as s:
         assert await s.scalar(select(func.count()).select_from(Frame)) == 1
     stored = list((farm.settings.data_dir / "storage" / "jobs" / job["id"] / "frames").iterdir())

@@ -23,6 +23,8 @@ from server.persistence.tables import Frame, Job, Model, OutboxMessage, Task, ne
 
 log = logging.getLogger(__name__)
 _frame_locks: dict[tuple[str, int], asyncio.Lock] = {}
+IMAGE_MAGIC = {".png": b"\x89PNG\r\n\x1a\n", ".jpg": b"\xff\xd8\xff", ".exr": b"\x76\x2f\x31\x01"}
+"""File signatures of the output formats (PNG, JPEG/JFIF and OpenEXR specifications)."""
 
 
 # ---------------------------------------------------------------- jobs
@@ -355,12 +357,17 @@ async def store_frame(
         (the frame's description, whether it was newly stored).
 
     Raises:
-        ApiError: 409 stale lease; 400 when ``frame`` is not one of the task's frames
-            or ``ext`` is not an output extension.
+        ApiError: 409 stale lease; 400 when ``frame`` is not one of the task's frames,
+            ``ext`` is not an output extension or the file does not start with its signature.
     """
     if ext not in OUTPUT_EXTENSIONS.values():
         upload.unlink(missing_ok=True)
         raise ApiError(400, f"unsupported frame extension {ext!r}", "frame")
+    with open(upload, "rb") as fh:
+        head = fh.read(8)
+    if not head.startswith(IMAGE_MAGIC[ext]):
+        upload.unlink(missing_ok=True)
+        raise ApiError(400, f"the uploaded frame is not a {ext} image (wrong file signature)", "frame")
     lock = _frame_locks.setdefault((task_id, frame), asyncio.Lock())
     try:
         async with lock, ctx.db.session() as s:
