@@ -329,3 +329,47 @@ async def test_same_upload_twice_is_one_model_and_huge_frames_are_refused(
     body = {"model_id": first["id"], "frames": "1", "resolution_percentage": 1000}
     status, err = await _req(farm, "POST", "/api/jobs", json=body)
     assert status == 201  # 3200x2400 is fine
+
+
+@pytest.mark.agents(0)
+async def test_out_of_range_numbers_are_400_not_500(farm: Farm) -> None:
+    for path in (
+        "/api/jobs/x/outputs/999999999999999999999999",
+        "/api/jobs/x/outputs/-99999999999",
+        "/api/jobs/x/outputs/١",
+    ):
+        status, err = await _req(farm, "GET", path)
+        assert status == 400 and err["error"]["field"] == "frame", path
+    token = farm.ctx.agent_token
+    status, err = await _req(
+        farm,
+        "POST",
+        "/api/agent/tasks/x/heartbeat",
+        token=token,
+        json={"lease_id": "l", "current_frame": 10**30},
+    )
+    assert status == 400 and err["error"]["field"] == "current_frame"
+    status, err = await _req(
+        farm,
+        "POST",
+        "/api/agent/tasks/x/result",
+        token=token,
+        data=b'{"lease_id": "l", "status": "failed", "render_seconds": NaN}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert status == 400
+    status, err = await _req(
+        farm, "POST", "/api/jobs", json={"model_id": "m", "frames": "1", "chunk_size": True}
+    )
+    assert status == 400 and err["error"]["field"] == "chunk_size"
+    status, err = await _req(farm, "GET", "/api/jobs?state=bogus")
+    assert status == 400 and err["error"]["field"] == "state"
+
+
+@pytest.mark.blender
+@pytest.mark.agents(0)
+async def test_odd_upload_names_are_stored_safely(farm: Farm, sample_blend: Path) -> None:
+    for name in ("-dash.blend", "my shot (v2) ñ.BLEND"):
+        data = sample_blend.read_bytes() + b"\0" * len(name)  # distinct bytes, so no reuse
+        status, model = await _req(farm, "POST", "/api/models", params={"filename": name}, data=data)
+        assert status in (201, 422), model  # padded file may be refused as corrupt, but never a 500

@@ -8,7 +8,7 @@ from pathlib import Path
 from aiohttp import web
 
 from protocol.messages import TaskResult
-from server.api.middleware import CTX, parse_body
+from server.api.middleware import CTX, parse_body, parse_frame_param
 from server.api.registry import route
 from server.api.schemas import ClaimRequest, HeartbeatRequest, ResultRequest
 from server.context import FarmContext
@@ -60,10 +60,7 @@ async def heartbeat(request: web.Request) -> web.Response:
 async def put_frame(request: web.Request) -> web.Response:
     """The body is the image file."""
     ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
-    try:
-        frame = int(request.match_info["frame"])
-    except ValueError:
-        raise ApiError(400, "frame must be an integer", "frame") from None
+    frame = parse_frame_param(request.match_info["frame"])
     lease_id = request.query.get("lease_id", "")
     fd, name = tempfile.mkstemp(suffix=".part", dir=ctx.settings.tmp_dir)
     tmp = Path(name)

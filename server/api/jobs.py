@@ -11,6 +11,7 @@ from server.api.schemas import JobCreate, JobList, JobSummary, TaskList, TaskOut
 from server.context import FarmContext
 from server.errors import ApiError, not_found
 from server.jobs import service
+from server.jobs import task_state_machine as sm
 from server.persistence.tables import Job, Task
 
 
@@ -54,6 +55,8 @@ async def list_jobs(request: web.Request) -> web.Response:
         raise ApiError(400, "limit must be between 1 and 500", "limit")
     q = select(Job.id).order_by(Job.created_at.desc()).limit(limit)
     if state := request.query.get("state"):
+        if state not in sm.TASK_STATES:
+            raise ApiError(400, f"state must be one of {', '.join(sm.TASK_STATES)}, not {state!r}", "state")
         q = q.where(Job.state == state)
     async with ctx.db.session() as s:
         ids = (await s.scalars(q)).all()

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from protocol.frames import MAX_FRAME, MIN_FRAME
 from server.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -111,3 +112,18 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
 def json_ok(model: BaseModel, status: int = 200) -> web.Response:
     """A JSON response from a pydantic model."""
     return web.json_response(text=model.model_dump_json(), status=status)
+
+
+def parse_frame_param(raw: str) -> int:
+    """A frame number from a URL path: an optional ``-`` and ASCII digits, within Blender's bounds.
+
+    Raises:
+        ApiError: 400 naming ``frame``.
+    """
+    digits = raw[1:] if raw.startswith("-") else raw
+    if not digits.isascii() or not digits.isdigit() or len(digits) > 8:
+        raise ApiError(400, f"frame must be an integer, not {raw!r}", "frame")
+    frame = int(raw)
+    if not MIN_FRAME <= frame <= MAX_FRAME:
+        raise ApiError(400, f"frame {frame} is outside {MIN_FRAME}..{MAX_FRAME}", "frame")
+    return frame

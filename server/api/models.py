@@ -157,7 +157,7 @@ async def _same_model(ctx: FarmContext, sha256: str, main: str | None) -> Model 
 def _key_name(filename: str) -> str:
     stem, ext = os.path.splitext(filename)
     safe = (
-        "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in stem).strip("._")
+        "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in stem).strip("._-")
         or "model"
     )
     return f"{safe[:100]}{ext.lower() if ext.lower() in ('.blend', '.zip') else '.blend'}"

@@ -11,7 +11,7 @@ from pathlib import Path
 from aiohttp import web
 from sqlalchemy import select
 
-from server.api.middleware import CTX, json_ok
+from server.api.middleware import CTX, json_ok, parse_frame_param
 from server.api.registry import route
 from server.api.schemas import OutputFrame, OutputList
 from server.context import FarmContext
@@ -113,10 +113,7 @@ async def get_output(request: web.Request) -> web.StreamResponse:
     """The image of one frame; 404 when it is not stored (yet)."""
     ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
     job_id, raw = request.match_info["job_id"], request.match_info["frame"]
-    try:
-        frame = int(raw)
-    except ValueError:
-        raise ApiError(400, f"frame must be an integer, not {raw!r}", "frame") from None
+    frame = parse_frame_param(raw)
     async with ctx.db.session() as s:
         if await s.get(Job, job_id) is None:
             raise not_found("job", job_id)

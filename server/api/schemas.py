@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+
+from protocol.frames import MAX_FRAME, MIN_FRAME
 
 
 class _Strict(BaseModel):
@@ -16,18 +18,20 @@ class JobCreate(_Strict):
 
     model_id: str = Field(min_length=1, max_length=64)
     frames: str = Field(min_length=1, max_length=1024, examples=["1-10", "1-99x2", "-5-5"])
-    chunk_size: int = Field(1, ge=1, le=10_000, description="frames per task")
-    priority: int = Field(0, ge=-100, le=100)
-    name: str | None = Field(None, max_length=255)
-    scene: str | None = Field(None, max_length=255, description="defaults to the file's active scene")
-    camera: str | None = Field(None, max_length=255)
+    chunk_size: StrictInt = Field(1, ge=1, le=10_000, description="frames per task")
+    priority: StrictInt = Field(0, ge=-100, le=100)
+    name: str | None = Field(None, max_length=255, pattern=r"^[^\x00-\x1f]*$")
+    scene: str | None = Field(
+        None, min_length=1, max_length=255, description="defaults to the file's active scene"
+    )
+    camera: str | None = Field(None, min_length=1, max_length=255)
     engine: Literal["CYCLES", "BLENDER_EEVEE", "BLENDER_WORKBENCH"] | None = None
-    samples: int | None = Field(None, ge=1, le=1_000_000)
-    resolution_percentage: int | None = Field(None, ge=1, le=1000)
-    resolution_x: int | None = Field(None, ge=4, le=65536)
-    resolution_y: int | None = Field(None, ge=4, le=65536)
+    samples: StrictInt | None = Field(None, ge=1, le=1_000_000)
+    resolution_percentage: StrictInt | None = Field(None, ge=1, le=1000)
+    resolution_x: StrictInt | None = Field(None, ge=4, le=65536)
+    resolution_y: StrictInt | None = Field(None, ge=4, le=65536)
     output_format: Literal["PNG", "OPEN_EXR", "JPEG"] = "PNG"
-    allow_missing: bool = Field(
+    allow_missing: StrictBool = Field(
         False,
         description="render even though files the model refers to (libraries, images, caches) are missing",
     )
@@ -143,19 +147,19 @@ class ClaimRequest(_Strict):
 class HeartbeatRequest(_Strict):
     """Agent: keep the lease and report the frame being rendered."""
 
-    lease_id: str
-    current_frame: int | None = None
+    lease_id: str = Field(max_length=64)
+    current_frame: int | None = Field(None, ge=MIN_FRAME, le=MAX_FRAME)
 
 
 class ResultRequest(_Strict):
     """Agent: the end of an attempt."""
 
-    lease_id: str
+    lease_id: str = Field(max_length=64)
     status: Literal["completed", "failed"]
     message: str = Field("", max_length=8000)
     log_tail: list[str] = Field(default_factory=list, max_length=200)
-    missing_frames: list[int] = Field(default_factory=list)
-    render_seconds: float = 0.0
+    missing_frames: list[Annotated[int, Field(ge=MIN_FRAME, le=MAX_FRAME)]] = Field(default_factory=list)
+    render_seconds: float = Field(0.0, ge=0, le=1e7, allow_inf_nan=False)
 
 
 class ErrorBody(BaseModel):

@@ -206,8 +206,8 @@ async def job_summary(ctx: FarmContext, job_id: str, session: AsyncSession | Non
         "overrides": job.overrides,
         "tasks": counts,
         "task_count": sum(counts.values()),
-        "created_at": job.created_at.isoformat(),
-        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "created_at": job.created_at.isoformat() + "Z",
+        "finished_at": job.finished_at.isoformat() + "Z" if job.finished_at else None,
     }
 
 
