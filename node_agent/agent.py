@@ -220,6 +220,7 @@ class NodeAgent:
                 resolution_x=spec.resolution_x,
                 resolution_y=spec.resolution_y,
                 output_format=spec.output_format,
+                confine_root=str(self.inputs.files_dir(spec)),
             )
             params_path = folder / "params.json"
             params_path.write_text(json.dumps(params.to_dict()))

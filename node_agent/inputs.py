@@ -35,6 +35,10 @@ class InputCache:
         self.limits = limits or ModelLimits()
         self._locks: dict[str, asyncio.Lock] = {}
 
+    def files_dir(self, spec: TaskSpec) -> Path:
+        """The folder holding the model's files (the .blend and, for a package, everything else)."""
+        return (self.root / spec.model_sha256 / "files").resolve()
+
     async def fetch(self, http: aiohttp.ClientSession, server_url: str, spec: TaskSpec) -> Path:
         """Return the path of the .blend to open for ``spec``, downloading the model if needed.
 

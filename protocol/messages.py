@@ -62,6 +62,8 @@ class RenderParams(_Shape):
     resolution_x: int | None = None
     resolution_y: int | None = None
     output_format: str | None = "PNG"
+    confine_root: str | None = None
+    """The model's folder: external files outside it are not read (see render_task.py)."""
 
 
 @dataclass(frozen=True)

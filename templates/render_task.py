@@ -135,7 +135,7 @@ def read_params(arg: str) -> dict:
 
     for key in ("blend_file", "output_dir", "manifest_path"):
         need_str(key, optional=False)
-    for key in ("scene", "camera", "engine", "output_format"):
+    for key in ("scene", "camera", "engine", "output_format", "confine_root"):
         need_str(key, optional=True)
     for key in ("samples", "resolution_percentage", "resolution_x", "resolution_y"):
         need_int(key)
@@ -317,6 +317,71 @@ def write_manifest(path: str, frames: dict[int, str]) -> None:
 # --------------------------------------------------------------------------- rendering
 
 
+OUTSIDE = "//__outside_the_package__/"
+"""Where a path that leaves the model's folder is pointed instead (a place that does not exist)."""
+
+
+def _outside(path: str, root: str, library: object = None) -> bool:
+    if not path:
+        return False
+    try:
+        full = bpy.path.abspath(path, library=library)
+    except Exception:
+        full = path
+    real = os.path.realpath(full)
+    return real != root and not real.startswith(root + os.sep)
+
+
+def confine_inputs(root: str) -> list[str]:
+    """Point every external file a render would read outside ``root`` at a path that does not exist.
+
+    Images, movie clips, sounds, caches (Alembic, volumes, mesh cache and ocean modifiers)
+    and sequencer strips are read at render time, so re-pointing them before rendering
+    keeps Blender from reading the render machine's own files through a hostile or stale
+    absolute (or ``//../..``) path: such inputs render as missing, as the job asked
+    (``allow_missing``). Libraries are read when the file opens; the server refuses
+    models that link libraries outside their package. Packed data is left alone.
+
+    Returns:
+        The paths that were cut off, for the log.
+    """
+    root = os.path.realpath(root)
+    cut: list[str] = []
+
+    def fix(owner: object, attr: str, library: object = None) -> None:
+        path = getattr(owner, attr, "")
+        if isinstance(path, str) and _outside(path, root, library):
+            cut.append(path)
+            setattr(owner, attr, OUTSIDE + os.path.basename(path.rstrip("/\\")))
+
+    for coll in (
+        bpy.data.images,
+        bpy.data.movieclips,
+        bpy.data.sounds,
+        bpy.data.cache_files,
+        bpy.data.volumes,
+    ):
+        for block in coll:
+            if getattr(block, "packed_file", None) is None:
+                fix(block, "filepath", block.library)
+    for obj in bpy.data.objects:
+        for mod in obj.modifiers:
+            for attr in ("filepath", "cache_directory"):
+                if hasattr(mod, attr):
+                    fix(mod, attr, obj.library)
+    for scene in bpy.data.scenes:
+        if scene.sequence_editor is None:
+            continue
+        for strip in scene.sequence_editor.strips_all:
+            if strip.type == "MOVIE":
+                fix(strip, "filepath", scene.library)
+            elif strip.type == "IMAGE":
+                fix(strip, "directory", scene.library)
+    for path in cut:
+        print(f"renderfarm: not reading {path!r}: it lies outside the model's package", flush=True)
+    return cut
+
+
 def render_frames(
     scene: bpy.types.Scene, pattern: str, paths: dict[int, str], camera: bpy.types.Object | None
 ) -> None:
@@ -362,6 +427,8 @@ def run(arg: str) -> None:
 
     open_blend(params["blend_file"])
     scene = select_scene(params["scene"])
+    if params["confine_root"]:
+        confine_inputs(params["confine_root"])
     camera = apply_overrides(scene, params)
     check_camera(scene)
     pattern = set_output(scene, params["output_format"], params["output_dir"])

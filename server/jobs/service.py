@@ -51,6 +51,7 @@ async def create_job(ctx: FarmContext, req: dict[str, Any]) -> Job:
         model = await s.get(Model, req["model_id"])
         if model is None:
             raise ApiError(404, f"model {req['model_id']!r} not found", "model_id")
+        _check_outside_libraries(model.info)
         scene = _check_scene(model.info, req.get("scene"), req.get("camera"))
         _check_size(model.info, scene, req, ctx.settings.max_frame_pixels)
         if not req.get("allow_missing"):
@@ -122,6 +123,24 @@ def _check_size(info: dict[str, Any], scene: str | None, req: dict[str, Any], ma
             f"frames of {w}x{h} pixels are larger than this farm's limit of {max_pixels} pixels "
             "(resolution_x x resolution_y x resolution_percentage)",
             "resolution_percentage" if req.get("resolution_percentage") else "resolution_x",
+        )
+
+
+def _check_outside_libraries(info: dict[str, Any]) -> None:
+    """Refuse, always, a model linking libraries outside its package: Blender reads them when
+    the file opens, from the render machine's own disk (another job's files, say)."""
+    outside = [
+        str(d.get("path"))
+        for d in info.get("dependencies", [])
+        if isinstance(d, dict) and d.get("kind") == "library" and d.get("outside_root")
+    ]
+    if outside:
+        raise ApiError(
+            422,
+            f"the model links libraries by absolute paths or paths leaving its folder: {', '.join(outside)}; "
+            "make the paths relative (File > External Data > Make Paths Relative) and upload a .zip "
+            "holding the libraries",
+            "model_id",
         )
 
 
