@@ -45,7 +45,7 @@ EXPECTED: dict[str, tuple[str, int | None, str]] = {
     "image_sequencer.blend": ("job", 422, "image //imgseq/000210.png"),  # its sequence is not uploaded
     "lamp_textures.blend": NO_CAMERA,
     "linked_cube.blend": NO_CAMERA,
-    "linked_cube_compressed.blend": NO_CAMERA,
+    "linked_cube_compressed.blend": ("job", 422, "links libraries by absolute paths"),  # /home/artist/...
     "meshcache-source.blend": NO_CAMERA,
     "meshcache-user.blend": NO_CAMERA,
     "missing_textures.blend": NO_CAMERA,
