@@ -189,6 +189,9 @@ async def test_frames_are_stored_once_and_missing_frames_fail_the_task(
         data=_png((0, 0, 0)),
     )
     assert status == 400  # not a frame of this task
+    exr = b"\x76\x2f\x31\x01" + bytes(100)
+    status, err = await _req(farm, "PUT", up.replace(".png", ".exr") + lease, token=token, data=exr)
+    assert status == 400 and err["error"]["field"] == "ext"
     status, err = await _req(farm, "PUT", up + lease, token=token, data=b"#!/bin/sh\nrm -rf /\n")
     assert status == 400 and "not a .png image" in err["error"]["message"]
     async with farm.ctx.db.session() as s:

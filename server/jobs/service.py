@@ -393,6 +393,10 @@ async def store_frame(
             task = await _leased_task(s, task_id, lease_id)
             if frame not in task.frames:
                 raise ApiError(400, f"frame {frame} is not part of task {task_id}", "frame")
+            job = await s.get(Job, task.job_id)
+            expected = OUTPUT_EXTENSIONS[job.overrides.get("output_format", "PNG")]
+            if ext != expected:
+                raise ApiError(400, f"this job renders {expected} frames, not {ext}", "ext")
             existing = await s.scalar(select(Frame).where(Frame.job_id == task.job_id, Frame.frame == frame))
             if existing is not None:
                 return _frame_dict(existing), False
