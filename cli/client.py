@@ -15,6 +15,17 @@ import aiohttp
 FINISHED = ("completed", "failed", "canceled")
 
 
+def _sha256(path: Path) -> str | None:
+    """SHA-256 of a file, or None when it is not a readable regular file."""
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _q(ident: str) -> str:
     """An id as one URL path segment (``/``, ``?``, ``..`` cannot reach another route)."""
     return quote(ident, safe="")
@@ -125,20 +136,35 @@ class FarmClient:
                 return job
             await asyncio.sleep(poll_s)
 
-    async def download(self, job_id: str, dest: Path) -> list[Path]:
+    async def download(self, job_id: str, dest: Path, overwrite: bool = False) -> list[Path]:
         """Download every stored frame into ``dest`` (checked against its SHA-256); returns the paths.
 
-        Raises:
-            ClientError: for an unknown job, a failed or corrupted download, or a ``dest``
-                that cannot be written.
+        A file already there with the same content is kept (downloading again is a
+        no-op); one with other content is not replaced unless ``overwrite``. Each file
+        is written under a temp name and renamed once whole, so an interrupted download
+        leaves no half-written frame.
 
-        Each file is written under a temp name and renamed once whole, so an
-        interrupted download leaves no half-written frame.
+        Raises:
+            ClientError: for an unknown job, a failed or corrupted download, a ``dest``
+                that cannot be written, or a different file in the way.
         """
         out = await self.outputs(job_id)
+        frames = out["frames"]
         try:
             dest.mkdir(parents=True, exist_ok=True)
-            return await self._download_frames(out["frames"], dest)
+            clash = [
+                dest / Path(f["filename"]).name
+                for f in frames
+                if (dest / Path(f["filename"]).name).exists()
+                and _sha256(dest / Path(f["filename"]).name) != f["sha256"]
+            ]
+            if clash and not overwrite:
+                shown = ", ".join(p.name for p in clash[:5]) + (" ..." if len(clash) > 5 else "")
+                raise ClientError(
+                    f"{len(clash)} file(s) in {dest} differ from the job's frames and would be replaced "
+                    f"({shown}); choose another folder or pass --overwrite"
+                )
+            return await self._download_frames(frames, dest)
         except OSError as exc:
             raise ClientError(f"cannot write frames into {dest}: {exc.strerror or exc}") from exc
 
@@ -147,6 +173,9 @@ class FarmClient:
         for f in frames:
             name = Path(f["filename"]).name
             target = dest / name
+            if target.is_file() and _sha256(target) == f["sha256"]:
+                paths.append(target)
+                continue
             tmp = dest / f".{name}.part"
             h = hashlib.sha256()
             try:

@@ -87,7 +87,10 @@ async def make_sample_scene(path: Path, blender: str | None = None) -> Path:
         RuntimeError: with Blender's last log lines when generation fails.
     """
     path = path.resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RuntimeError(f"cannot write {path}: {exc.strerror or exc}") from exc
     outcome = await LocalExecutor(blender).run(
         BlenderRun(
             script=template_path("sample_scene.py"),
@@ -99,5 +102,10 @@ async def make_sample_scene(path: Path, blender: str | None = None) -> Path:
         on_line=lambda _line: None,
     )
     if not outcome.ok or not path.is_file():
-        raise RuntimeError("could not generate the sample scene:\n" + "\n".join(outcome.log_tail[-10:]))
+        why = f"Blender {outcome.reason}" + (f" with code {outcome.exit_code}" if outcome.exit_code else "")
+        if outcome.ok:
+            why = "Blender exited without writing it (is the configured Blender a real Blender?)"
+        raise RuntimeError(
+            f"could not generate the sample scene ({why}):\n" + "\n".join(outcome.log_tail[-10:])
+        )
     return path

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cli.client import ClientError, FarmClient
+from node_agent.executor.base import BlenderNotFound
 from protocol.frames import FrameSpecError, parse_frames
 
 console = Console(stderr=True)
@@ -123,11 +124,17 @@ def up(
             await stop.wait()
         console.print("renderfarm stopped")
 
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(
+            f"[yellow]warning:[/] listening on {host}: until accounts land, anyone who can reach this "
+            "port can upload, submit and cancel",
+            highlight=False,
+        )
     try:
         asyncio.run(serve())
     except OSError as exc:
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
-    except ValueError as exc:
+    except (ValueError, BlenderNotFound) as exc:
         _fail(str(exc))
 
 
@@ -298,14 +305,15 @@ def status(job_id: str, server: str, wait: bool) -> None:
 @click.argument("job_id")
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
 @server_option
-def download(job_id: str, dest: Path, server: str) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace files in DEST that differ from the job's frames.")
+def download(job_id: str, dest: Path, server: str, overwrite: bool) -> None:
     """Download a job's stored frames into DEST (exit 1 when the job has not completed)."""
 
     async def run() -> int:
         async with FarmClient(server) as c:
             try:
                 job = await c.job(job_id)
-                paths = await c.download(job_id, dest)
+                paths = await c.download(job_id, dest, overwrite=overwrite)
             except ClientError as exc:
                 _fail(str(exc))
         console.print(f"{len(paths)} frame(s) in {dest.resolve()}", highlight=False)
@@ -349,7 +357,7 @@ def sample_scene(out: Path, blender: str | None) -> None:
 
     try:
         path = asyncio.run(make_sample_scene(out, blender))
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:
         _fail(str(exc))
     console.print(f"sample scene written to {path}", highlight=False)
 
@@ -376,6 +384,8 @@ def demo(workdir: Path, frames: str, chunk: int, agents: int, blender: str | Non
     async def run() -> int:
         console.print("generating the sample scene ...")
         scene = await make_sample_scene(workdir / "sample_scene.blend", blender)
+        for old in (workdir / "frames").glob("frame_*"):  # the demo owns this folder: no stale frames
+            old.unlink()
         async with running_farm(
             _settings(workdir / "farm", blender), port=free_port(), agents=agents
         ) as farm:
@@ -391,7 +401,10 @@ def demo(workdir: Path, frames: str, chunk: int, agents: int, blender: str | Non
                 {"frames": frames, "chunk": chunk, "output_format": "PNG"},
             )
 
-    code = asyncio.run(run())
+    try:
+        code = asyncio.run(run())
+    except (RuntimeError, OSError, ValueError) as exc:  # BlenderNotFound is a RuntimeError
+        _fail(str(exc))
     if code == 0:
         click.echo(f"frames: {(workdir / 'frames').resolve()}")
     sys.exit(code)

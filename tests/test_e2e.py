@@ -266,3 +266,33 @@ def test_cli_download_of_an_unfinished_job_and_bad_destinations(
         assert res.returncode == 2 and "is not a server URL" in res.stderr
     res = _cli("cancel", f"../jobs/{job_id}", "--server", farm_process)
     assert res.returncode == 2 and "not found" in res.stderr  # ids cannot walk to other routes
+
+
+def test_cli_download_never_replaces_other_files_silently(
+    farm_process: str, sample_blend: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    res = _cli(
+        "submit",
+        str(sample_blend),
+        "--frames",
+        "1",
+        "--resolution",
+        "25",
+        "--server",
+        farm_process,
+        "--download",
+        str(out),
+    )
+    assert res.returncode == 0, res.stderr
+    job_id = res.stdout.strip().splitlines()[-1]
+    frame = out / "frame_000001.png"
+    rendered = frame.read_bytes()
+    res = _cli("download", job_id, str(out), "--server", farm_process)
+    assert res.returncode == 0 and frame.read_bytes() == rendered  # same content: a no-op
+    frame.write_bytes(b"precious comp")
+    res = _cli("download", job_id, str(out), "--server", farm_process)
+    assert res.returncode == 2 and "--overwrite" in res.stderr
+    assert frame.read_bytes() == b"precious comp"
+    res = _cli("download", job_id, str(out), "--overwrite", "--server", farm_process)
+    assert res.returncode == 0 and frame.read_bytes() == rendered
