@@ -795,3 +795,20 @@ def test_blender_5_header_and_sequences(made_by_blender_5: Path) -> None:
         "//tex/brick.png": ("tex/brick.png", False, False, False),
         "//seq/none_####.png": ("seq/none_####.png", True, False, True),
     }
+
+
+def test_utf8_names_without_the_utf8_flag_are_read_as_utf8(tmp_path: Path) -> None:
+    """Info-ZIP's zip writes UTF-8 names without bit 11; Python would read them as cp437."""
+    real = "tex/wöod.png".encode()
+    placeholder = b"tex/wXXod.png"
+    assert len(real) == len(placeholder)
+    path = tmp_path / "infozip.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(placeholder.decode(), b"png bytes")
+    path.write_bytes(path.read_bytes().replace(placeholder, real))
+    with zipfile.ZipFile(path) as zf:
+        assert zf.infolist()[0].filename != "tex/wöod.png"  # what Python alone would make of it
+    [entry] = [e for e in check_zip(path, small_limits()) if not e.is_dir]
+    assert entry.name == "tex/wöod.png"
+    extract_zip(path, tmp_path / "out", small_limits())
+    assert (tmp_path / "out" / "tex" / "wöod.png").read_bytes() == b"png bytes"

@@ -57,6 +57,22 @@ def _bad(entry: str, why: str) -> ModelRejected:
     return ModelRejected(400, f"zip entry {entry!r} {why}")
 
 
+def entry_text(info: zipfile.ZipInfo) -> str:
+    """The entry's name as its author meant it.
+
+    The zip format (APPNOTE 4.4.4, general purpose bit 11) says a name is UTF-8 only
+    when bit 11 is set, else IBM code page 437, and Python decodes it so. Info-ZIP's
+    ``zip`` on Linux and macOS writes UTF-8 names without setting the bit, so a name
+    that is valid UTF-8 when re-encoded to cp437 bytes is taken as UTF-8.
+    """
+    if info.flag_bits & 0x800:
+        return info.filename
+    try:
+        return info.filename.encode("cp437").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return info.filename
+
+
 def safe_entry_name(raw: str) -> str:
     """The relative POSIX path a zip entry name stands for, or raise if it is unsafe.
 
@@ -112,7 +128,7 @@ def _check_infos(zf: zipfile.ZipFile, archive_bytes: int, limits: ModelLimits) -
     names: dict[str, str] = {}
     total = 0
     for info in infos:
-        raw = info.filename
+        raw = entry_text(info)
         name = safe_entry_name(raw)
         mode = info.external_attr >> 16
         if info.create_system == 3 and mode:  # made on unix: the high word is st_mode
