@@ -77,6 +77,7 @@ class _Attempt:
     uploaded: set[int] = field(default_factory=set)
     pending: asyncio.Queue[tuple[int, str]] = field(default_factory=asyncio.Queue)
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     log: deque[str] = field(default_factory=lambda: deque(maxlen=LOG_TAIL))
 
 
@@ -183,7 +184,7 @@ class NodeAgent:
                 json={
                     "lease_id": spec.lease_id,
                     "status": status,
-                    "message": message if not ok else "",
+                    "message": message if not ok else _warnings(attempt),
                     "log_tail": list(attempt.log),
                     "missing_frames": missing,
                     "render_seconds": round(time.monotonic() - started, 3),
@@ -235,6 +236,8 @@ class NodeAgent:
 
             def on_line(line: str) -> None:
                 attempt.log.append(line)
+                if "Error in PyDriver" in line and len(attempt.warnings) < 5:
+                    attempt.warnings.append(line.split("|", 1)[-1].strip())
                 ev = parse_line(line)
                 if ev is None:
                     return
@@ -351,6 +354,16 @@ class NodeAgent:
             await asyncio.sleep(delay)
             delay *= 2
         raise ServerError(0, "unreachable")
+
+
+def _warnings(attempt: _Attempt) -> str:
+    """What a completed render should tell the user: Python drivers that did not run."""
+    if not attempt.warnings:
+        return ""
+    return (
+        "warning: Python drivers did not run (auto-run scripts are off on the farm), so the frames "
+        "may differ from what the artist sees: " + "; ".join(dict.fromkeys(attempt.warnings))
+    )
 
 
 def _read_manifest(path: Path) -> dict[int, str]:

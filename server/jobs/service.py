@@ -106,7 +106,9 @@ def _check_scene(info: dict[str, Any], scene: str | None, camera: str | None) ->
             raise ApiError(400, f"camera {camera!r} is not in scene {name!r}; it has {cams}", "camera")
     elif not sc.get("renderable", True):
         problem = sc.get("problem") or "it cannot render"
-        raise ApiError(422, f"scene {name!r} cannot render: {problem}", "scene")
+        raise ApiError(
+            422, f"scene {name!r} of {info.get('main', 'the model')} cannot render: {problem}", "scene"
+        )
     return name
 
 
@@ -468,7 +470,7 @@ async def finish_task(ctx: FarmContext, task_id: str, result: TaskResult) -> dic
             state = sm.FAILED
             message = f"frames missing after render: {format_frames(missing)}"
         elif state == sm.FAILED and missing and "missing" not in message:
-            message = f"{message} (frames missing: {format_frames(missing)})"
+            message = f"{message} (frames missing: {format_frames(missing)})".strip()
         sm.check_task_transition(task.state, state)
         task.state, task.message = state, message[:4000]
         task.log_tail = [line[:1000] for line in result.log_tail[-50:]]
