@@ -7,6 +7,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from openapi_spec_validator import validate
 from PIL import Image
 from sqlalchemy import func, select
 
@@ -41,6 +42,10 @@ async def test_openapi_describes_every_route_with_its_permission(farm: Farm) -> 
     for ops in doc["paths"].values():
         for op in ops.values():
             assert op["x-permission"]
+    validate(doc)  # a valid OpenAPI 3.1 document
+    assert doc["components"]["securitySchemes"]["agentToken"]["scheme"] == "bearer"
+    assert doc["paths"]["/api/agent/tasks/{task_id}/claim"]["post"]["security"] == [{"agentToken": []}]
+    assert set(doc["paths"]["/api/models"]["post"]["responses"]) >= {"200", "201", "4XX"}
     for required in (
         "/api/models",
         "/api/jobs",

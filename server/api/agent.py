@@ -56,6 +56,8 @@ async def heartbeat(request: web.Request) -> web.Response:
     request_content="application/octet-stream",
     query={"lease_id": "the attempt's lease", "ext": ".png, .exr or .jpg"},
     summary="Upload one rendered frame; stored once per job and frame (201 new, 200 already stored)",
+    status=201,
+    also={200: "the frame was stored before; this copy is discarded"},
 )
 async def put_frame(request: web.Request) -> web.Response:
     """The body is the image file."""

@@ -43,6 +43,7 @@ async def create_job(request: web.Request) -> web.Response:
     summary="List jobs, newest first",
     response=JobList,
     query={"state": "only jobs in this state", "limit": "at most this many (1-500, default 100)"},
+    integer_query=("limit",),
 )
 async def list_jobs(request: web.Request) -> web.Response:
     """Newest jobs first, optionally filtered by state."""

@@ -55,16 +55,30 @@ def build_openapi() -> dict[str, Any]:
 
     for info, handler in ROUTES:
         path = info.path.replace("{key:.+}", "{key}")
+        integer_path = {"frame"}
         op: dict[str, Any] = {
             "summary": info.summary,
             "operationId": handler.__name__,
             "x-permission": info.permission,
             "parameters": [
-                {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                {
+                    "name": p,
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "integer"} if p in integer_path else {"type": "string"},
+                }
                 for p in _path_params(path)
             ]
             + [
-                {"name": k, "in": "query", "required": False, "description": v, "schema": {"type": "string"}}
+                {
+                    "name": k,
+                    "in": "query",
+                    "required": k in ("lease_id",) or (k == "filename" and info.path == "/api/models"),
+                    "description": v,
+                    "schema": {"type": "integer"}
+                    if k in info.integer_query
+                    else {"type": "string", "minLength": 1},
+                }
                 for k, v in info.query.items()
             ],
             "responses": {
@@ -82,16 +96,28 @@ def build_openapi() -> dict[str, Any]:
         else:
             ok["content"] = {"application/json": {"schema": {"type": "object"}}}
         op["responses"][str(info.status)] = ok
+        for code, why in info.also.items():
+            op["responses"][str(code)] = {**ok, "description": why}
+        if info.permission == "agent":
+            op["security"] = [{"agentToken": []}]
         if info.body is not None:
             op["requestBody"] = {
                 "required": True,
                 "content": {"application/json": {"schema": ref(info.body)}},
             }
         elif info.request_content:
-            op["requestBody"] = {
-                "required": True,
-                "content": {info.request_content: {"schema": {"type": "string", "format": "binary"}}},
+            content: dict[str, Any] = {
+                ctype.strip(): {"schema": {"type": "string", "format": "binary"}}
+                for ctype in info.request_content.split(",")
             }
+            if "multipart/form-data" in content:
+                content["multipart/form-data"] = {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"file": {"type": "string", "format": "binary"}},
+                    }
+                }
+            op["requestBody"] = {"required": True, "content": content}
         paths.setdefault(path, {})[info.method.lower()] = op
     return {
         "openapi": "3.1.0",
@@ -101,7 +127,16 @@ def build_openapi() -> dict[str, Any]:
             "description": "Render farm for Blender. Each operation's x-permission names what it needs.",
         },
         "paths": paths,
-        "components": {"schemas": schemas},
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "agentToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "the farm's agent token (DATA_DIR/secrets/agent-token)",
+                }
+            },
+        },
     }
 
 

@@ -86,10 +86,11 @@ async def _receive(request: web.Request, dest: Path, max_bytes: int) -> tuple[st
     permission="model:create",
     summary="Upload a .blend or a .zip holding a .blend and its files; returns its metadata "
     "(201; 200 with the earlier model when the same content was uploaded before)",
-    request_content="application/octet-stream",
+    request_content="application/octet-stream, multipart/form-data",
     response=ModelOut,
     query={"filename": "name of the uploaded file (raw body)", "main": "the .blend to open inside a zip"},
     status=201,
+    also={200: "the same content was uploaded before: the earlier model"},
 )
 async def upload_model(request: web.Request) -> web.Response:
     """Stream, check and inspect an upload; nothing is kept when it is refused."""

@@ -46,6 +46,9 @@ class RouteInfo:
     response_content: str = "application/json"
     query: dict[str, str] = field(default_factory=dict)
     status: int = 200
+    also: dict[int, str] = field(default_factory=dict)
+    """Other success statuses and what they mean (e.g. 200 for an upload seen before)."""
+    integer_query: tuple[str, ...] = ()
 
 
 ROUTES: list[tuple[RouteInfo, Handler]] = []
