@@ -40,7 +40,14 @@ from node_agent.inputs import InputCache
 from node_agent.logparse import parse_line
 from node_agent.outputs import check_image
 from protocol.frames import format_frames
-from protocol.messages import OUTPUT_EXTENSIONS, TASK_QUEUE, RenderParams, TaskMessage, TaskSpec
+from protocol.messages import (
+    OUTPUT_EXTENSIONS,
+    RENDER_OVERRIDES,
+    TASK_QUEUE,
+    RenderParams,
+    TaskMessage,
+    TaskSpec,
+)
 from templates import template_path
 
 log = logging.getLogger(__name__)
@@ -214,13 +221,7 @@ class NodeAgent:
                 manifest_path=str(manifest),
                 frames=list(spec.frames),
                 scene=spec.scene,
-                camera=spec.camera,
-                engine=spec.engine,
-                samples=spec.samples,
-                resolution_percentage=spec.resolution_percentage,
-                resolution_x=spec.resolution_x,
-                resolution_y=spec.resolution_y,
-                output_format=spec.output_format,
+                **{k: getattr(spec, k) for k in RENDER_OVERRIDES},
                 confine_root=str(self.inputs.files_dir(spec)),
             )
             params_path = folder / "params.json"

@@ -16,6 +16,17 @@ OUTPUT_EXTENSIONS = {"PNG": ".png", "OPEN_EXR": ".exr", "JPEG": ".jpg"}
 ENGINES = ("CYCLES", "BLENDER_EEVEE", "BLENDER_WORKBENCH")
 """Render engines a job may ask for (``RenderSettings.engine`` names in Blender 5)."""
 
+RENDER_OVERRIDES = (
+    "camera",
+    "engine",
+    "samples",
+    "resolution_percentage",
+    "resolution_x",
+    "resolution_y",
+    "output_format",
+)
+"""Job fields that override the .blend's render settings; they travel job -> TaskSpec -> RenderParams."""
+
 TASK_QUEUE = "renderfarm.tasks"
 """Broker queue that holds one :class:`TaskMessage` per task to render."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import weakref
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
@@ -15,14 +16,22 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from protocol.frames import FrameSpecError, chunk_frames, format_frames, parse_frames
-from protocol.messages import OUTPUT_EXTENSIONS, TASK_QUEUE, TaskMessage, TaskResult, TaskSpec
+from protocol.messages import (
+    OUTPUT_EXTENSIONS,
+    RENDER_OVERRIDES,
+    TASK_QUEUE,
+    TaskMessage,
+    TaskResult,
+    TaskSpec,
+)
 from server.context import FarmContext
 from server.errors import ApiError, not_found
 from server.jobs import task_state_machine as sm
 from server.persistence.tables import Frame, Job, Model, OutboxMessage, Task, new_id, utcnow
 
 log = logging.getLogger(__name__)
-_frame_locks: dict[tuple[str, int], asyncio.Lock] = {}
+_frame_locks: weakref.WeakValueDictionary[tuple[str, int], asyncio.Lock] = weakref.WeakValueDictionary()
+"""One lock per (task, frame) while an upload of it is in progress; dropped when unused."""
 IMAGE_MAGIC = {".png": b"\x89PNG\r\n\x1a\n", ".jpg": b"\xff\xd8\xff", ".exr": b"\x76\x2f\x31\x01"}
 """File signatures of the output formats (PNG, JPEG/JFIF and OpenEXR specifications)."""
 
@@ -56,19 +65,7 @@ async def create_job(ctx: FarmContext, req: dict[str, Any]) -> Job:
         _check_size(model.info, scene, req, ctx.settings.max_frame_pixels)
         if not req.get("allow_missing"):
             _check_missing(model.info)
-        overrides = {
-            k: req.get(k)
-            for k in (
-                "camera",
-                "engine",
-                "samples",
-                "resolution_percentage",
-                "resolution_x",
-                "resolution_y",
-                "output_format",
-            )
-            if req.get(k) is not None
-        }
+        overrides = {k: req.get(k) for k in RENDER_OVERRIDES if req.get(k) is not None}
         overrides.setdefault("output_format", "PNG")
         job = Job(
             id=new_id(),
@@ -311,13 +308,7 @@ async def claim_task(ctx: FarmContext, task_id: str, agent: str) -> TaskSpec:
         model_url=ctx.storage.signed_url(model.storage_key, ctx.settings.download_url_ttl_s),
         model_main=model.main,
         scene=job.scene,
-        camera=ov.get("camera"),
-        engine=ov.get("engine"),
-        samples=ov.get("samples"),
-        resolution_percentage=ov.get("resolution_percentage"),
-        resolution_x=ov.get("resolution_x"),
-        resolution_y=ov.get("resolution_y"),
-        output_format=ov.get("output_format", "PNG"),
+        **{k: ov[k] for k in RENDER_OVERRIDES if k in ov},
         timeout_s=ctx.settings.task_timeout_s,
         stall_timeout_s=ctx.settings.stall_timeout_s,
         heartbeat_s=ctx.settings.heartbeat_s,
@@ -389,7 +380,9 @@ async def store_frame(
     if not head.startswith(IMAGE_MAGIC[ext]):
         upload.unlink(missing_ok=True)
         raise ApiError(400, f"the uploaded frame is not a {ext} image (wrong file signature)", "frame")
-    lock = _frame_locks.setdefault((task_id, frame), asyncio.Lock())
+    lock = _frame_locks.get((task_id, frame))
+    if lock is None:
+        lock = _frame_locks[(task_id, frame)] = asyncio.Lock()
     try:
         async with lock, ctx.db.session() as s:
             task = await _leased_task(s, task_id, lease_id)
@@ -426,7 +419,6 @@ async def store_frame(
                 return _frame_dict(existing), False
     finally:
         upload.unlink(missing_ok=True)
-        _frame_locks.pop((task_id, frame), None)
     await ctx.cache.publish(f"job:{task.job_id}", {"type": "frame", "frame": frame, "task_id": task_id})
     await publish_job(ctx, task.job_id)
     return _frame_dict(row), True
