@@ -152,19 +152,16 @@ class FarmClient:
         frames = out["frames"]
         try:
             dest.mkdir(parents=True, exist_ok=True)
-            clash = [
-                dest / Path(f["filename"]).name
-                for f in frames
-                if (dest / Path(f["filename"]).name).exists()
-                and _sha256(dest / Path(f["filename"]).name) != f["sha256"]
-            ]
+            have = {f["filename"]: _sha256(dest / Path(f["filename"]).name) for f in frames}
+            clash = [f["filename"] for f in frames if have[f["filename"]] not in (None, f["sha256"])]
             if clash and not overwrite:
-                shown = ", ".join(p.name for p in clash[:5]) + (" ..." if len(clash) > 5 else "")
+                shown = ", ".join(Path(n).name for n in clash[:5]) + (" ..." if len(clash) > 5 else "")
                 raise ClientError(
                     f"{len(clash)} file(s) in {dest} differ from the job's frames and would be replaced "
                     f"({shown}); choose another folder or pass --overwrite"
                 )
-            return await self._download_frames(frames, dest)
+            await self._download_frames([f for f in frames if have[f["filename"]] != f["sha256"]], dest)
+            return [dest / Path(f["filename"]).name for f in frames]
         except OSError as exc:
             raise ClientError(f"cannot write frames into {dest}: {exc.strerror or exc}") from exc
 
@@ -173,9 +170,6 @@ class FarmClient:
         for f in frames:
             name = Path(f["filename"]).name
             target = dest / name
-            if target.is_file() and _sha256(target) == f["sha256"]:
-                paths.append(target)
-                continue
             tmp = dest / f".{name}.part"
             h = hashlib.sha256()
             try:
