@@ -1,4 +1,9 @@
-"""ORM tables (SQLAlchemy 2.0 declarative). Ids are 32-char hex UUIDs; times are naive UTC."""
+"""ORM tables (SQLAlchemy 2.0 declarative). Ids are 32-char hex UUIDs; times are naive UTC.
+
+Times keep microseconds on every backend (MySQL's ``DATETIME`` drops them unless
+declared ``DATETIME(6)``), so that lease expiry and latencies are exact.
+Every schema change comes with an Alembic migration (``server/persistence/migrations``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -20,13 +26,19 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+TIMESTAMP_US = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+"""A naive UTC time with microseconds on SQLite, MySQL and MariaDB."""
+DEFAULT_POOL = "default"
+"""The capability pool of a job that asks for nothing in particular."""
+
+
 class Base(DeclarativeBase):
     """Declarative base of every table."""
 
     type_annotation_map: ClassVar[dict[Any, Any]] = {
         dict[str, Any]: JSON,
         list[Any]: JSON,
-        datetime: DateTime(),
+        datetime: TIMESTAMP_US,
     }
 
 
@@ -57,6 +69,10 @@ class Job(Base):
     frame_count: Mapped[int] = mapped_column(Integer)
     chunk_size: Mapped[int] = mapped_column(Integer)
     priority: Mapped[int] = mapped_column(Integer, default=0)
+    owner: Mapped[str] = mapped_column(String(255), default="")
+    """Who submitted the job (the dispatcher is fair between owners)."""
+    pool: Mapped[str] = mapped_column(String(64), default=DEFAULT_POOL)
+    """The capability pool whose agents may render it."""
     scene: Mapped[str | None] = mapped_column(String(255), nullable=True)
     overrides: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     message: Mapped[str] = mapped_column(Text, default="")
@@ -71,10 +87,17 @@ class Task(Base):
     """A chunk of a job's frames, rendered by one agent in one Blender process per attempt."""
 
     __tablename__ = "tasks"
-    __table_args__ = (Index("ix_tasks_state_lease", "state", "lease_expires_at"),)
+    __table_args__ = (
+        Index("ix_tasks_state_lease", "state", "lease_expires_at"),
+        Index("ix_tasks_job_state", "job_id", "state"),
+        Index("ix_tasks_dispatch", "pool", "state", "dispatched_at"),
+    )
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
     index: Mapped[int] = mapped_column(Integer)
+    pool: Mapped[str] = mapped_column(String(64), default=DEFAULT_POOL)
+    dispatched_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    """When the dispatcher put the task's message in the outbox (None: not dispatched yet)."""
     frames: Mapped[list[Any]] = mapped_column(JSON)
     state: Mapped[str] = mapped_column(String(16), default="queued")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -98,7 +121,7 @@ class Frame(Base):
     __tablename__ = "frames"
     __table_args__ = (UniqueConstraint("job_id", "frame", name="uq_frames_job_frame"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
     task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id"), index=True)
     frame: Mapped[int] = mapped_column(Integer)
     storage_key: Mapped[str] = mapped_column(String(255))
@@ -118,3 +141,20 @@ class OutboxMessage(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     published_at: Mapped[datetime | None] = mapped_column(nullable=True, index=True)
+
+
+class Agent(Base):
+    """A node agent that registered with the server; online while it heartbeats."""
+
+    __tablename__ = "agents"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    pool: Mapped[str] = mapped_column(String(64), default=DEFAULT_POOL)
+    capabilities: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    """``{"cpu_cores": int, "memory_bytes": int, "gpus": [...], "backends": [...],
+    "blender": str, "tags": [...]}`` as the agent advertised it."""
+    version: Mapped[str] = mapped_column(String(64), default="")
+    state: Mapped[str] = mapped_column(String(16), default="online")
+    current_task_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    registered_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
