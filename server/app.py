@@ -7,6 +7,7 @@ import logging
 from aiohttp import web
 
 from server.api import agent, jobs, meta, models, outputs  # noqa: F401  (modules register their routes)
+from server.api import metrics as _metrics_routes  # noqa: F401  (GET /metrics)
 from server.api.middleware import CTX, errors_middleware, origin_middleware, permission_middleware
 from server.api.registry import add_routes
 from server.context import FarmContext
