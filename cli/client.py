@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -124,10 +125,48 @@ class FarmClient:
         """``GET /api/jobs/{id}/outputs``."""
         return await self._json("GET", f"/api/jobs/{_q(job_id)}/outputs")
 
+    async def events(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
+        """The job's live events (``GET /api/jobs/{id}/events``, server-sent events) until it finishes.
+
+        Yields ``{"type": "job" | "task" | "progress" | "frame", ...}``; the first is the job's
+        summary and the stream ends after a summary in a finished state.
+
+        Raises:
+            ClientError: the job is unknown, or the server cannot be reached.
+        """
+        url = f"{self.server}/api/jobs/{_q(job_id)}/events"
+        try:
+            async with self.http.get(url, timeout=aiohttp.ClientTimeout(sock_read=60)) as resp:
+                if resp.status >= 400:
+                    body = await resp.json(content_type=None)
+                    err = (body or {}).get("error", {})
+                    raise ClientError(err.get("message", resp.reason or ""), resp.status, err.get("field"))
+                async for raw in resp.content:
+                    line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                    if line.startswith("data:"):
+                        yield json.loads(line[5:])
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ClientError(f"lost the event stream of {self.server}: {exc}") from exc
+
     async def wait(
-        self, job_id: str, on_update: Callable[[dict[str, Any]], None] | None = None, poll_s: float = 0.5
+        self, job_id: str, on_update: Callable[[dict[str, Any]], None] | None = None, poll_s: float = 2.0
     ) -> dict[str, Any]:
-        """Poll the job until it finishes; returns its final summary."""
+        """Follow the job's live events until it finishes; returns its final summary.
+
+        Falls back to polling every ``poll_s`` seconds when the event stream breaks.
+        """
+        try:
+            async for ev in self.events(job_id):
+                if ev.get("type") != "job":
+                    continue
+                job = ev["job"]
+                if on_update:
+                    on_update(job)
+                if job["state"] in FINISHED:
+                    return job
+        except ClientError as exc:
+            if exc.status == 404:
+                raise
         while True:
             job = await self.job(job_id)
             if on_update:

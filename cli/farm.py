@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
+from sqlalchemy import text
 
 from node_agent.agent import NodeAgent
+from node_agent.capabilities import detect
 from node_agent.executor.base import BlenderRun
 from node_agent.executor.local import LocalExecutor
 from server.app import create_app
@@ -45,11 +47,16 @@ async def running_farm(
     """Start the API, the scheduler and ``agents`` local node agents; stop them all on exit.
 
     Raises:
-        ValueError: naming a backend URL that cannot be used.
+        ValueError: naming a backend URL that cannot be used or a backend that does not answer.
         OSError: when the port is taken.
     """
     settings.loopback_only = host in ("127.0.0.1", "localhost", "::1")
     ctx = FarmContext.from_settings(settings)
+    try:
+        await check_backends(ctx)
+    except BaseException:
+        await ctx.close()
+        raise
     app = create_app(ctx)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -58,6 +65,7 @@ async def running_farm(
         await site.start()
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"  # noqa: S104
         node_tasks = []
+        caps = detect(settings.blender) if agents else {}
         for i in range(agents):
             agent = NodeAgent(
                 url,
@@ -66,6 +74,7 @@ async def running_farm(
                 settings.data_dir / "agents" / f"agent-{i + 1}",
                 LocalExecutor(settings.blender),
                 name=f"{socket.gethostname()}-local-{i + 1}",
+                capabilities=caps,
             )
             node_tasks.append(asyncio.create_task(agent.run(), name=f"agent-{i + 1}"))
         try:
@@ -78,6 +87,34 @@ async def running_farm(
                     await t
     finally:
         await runner.cleanup()
+
+
+async def check_backends(ctx: FarmContext, timeout_s: float = 15.0) -> None:
+    """Make sure every backend answers before the farm starts, so a wrong URL fails at once.
+
+    Raises:
+        ValueError: naming the backend and its URL (password redacted) with the reason.
+    """
+    from server.config import redact_url
+
+    s = ctx.settings
+
+    async def db_ping() -> None:
+        async with ctx.db.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    checks = [
+        ("database", s.database_url, db_ping),
+        ("broker", s.broker_url, ctx.broker.check),
+        ("cache", s.cache_url, ctx.cache.ping),
+        ("storage", s.storage_url, ctx.storage.check),
+    ]
+    for name, url, check in checks:
+        try:
+            await asyncio.wait_for(check(), timeout_s)
+        except Exception as exc:
+            why = f"no answer within {timeout_s:g} s" if isinstance(exc, TimeoutError) else str(exc)
+            raise ValueError(f"{name} {redact_url(url)} is not usable: {why}") from exc
 
 
 async def make_sample_scene(path: Path, blender: str | None = None) -> Path:

@@ -26,6 +26,7 @@ from protocol.frames import FrameSpecError, parse_frames
 console = Console(stderr=True)
 DEFAULT_SERVER = os.environ.get("RENDERFARM_SERVER", "http://127.0.0.1:3000")
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "renderfarm"
+"""Same as ``server.config.DEFAULT_DATA_DIR`` (not imported, to keep the client light)."""
 
 
 def _check_server(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
@@ -61,54 +62,76 @@ def main(verbose: bool) -> None:
     )
 
 
-def _settings(data_dir: Path, blender: str | None) -> Any:
-    from server.config import Settings
+def backend_options(f: Any) -> Any:
+    """Options choosing the backends: a config file and one URL per backend (see ``server.config``)."""
+    opts = [
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="TOML file of settings (or RENDERFARM_CONFIG); flags and RENDERFARM_* variables win.",
+        ),
+        click.option(
+            "--data-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            help=f"Database, storage, temp uploads and secrets (default {DEFAULT_DATA_DIR}).",
+        ),
+        click.option(
+            "--database-url", default=None, help="e.g. mysql+aiomysql://user:pw@host/db (default SQLite)."
+        ),
+        click.option(
+            "--broker-url", default=None, help="e.g. amqp://user:pw@host:5672/ (default memory://)."
+        ),
+        click.option("--cache-url", default=None, help="e.g. redis://host:6379/0 (default memory://)."),
+        click.option(
+            "--storage-url", default=None, help="e.g. s3://bucket?endpoint=http://minio:9000&addressing=path."
+        ),
+        click.option(
+            "--blender", default=None, help="Blender binary (default: blender on PATH, else the bpy module)."
+        ),
+        click.option(
+            "--task-timeout",
+            "task_timeout_s",
+            type=click.FloatRange(1),
+            default=None,
+            help="Hard limit of one render attempt, in seconds (default 3600).",
+        ),
+        click.option(
+            "--stall-timeout",
+            "stall_timeout_s",
+            type=click.FloatRange(1),
+            default=None,
+            help="Kill a render that prints nothing for this many seconds (default 600).",
+        ),
+        click.option(
+            "--lease",
+            "lease_s",
+            type=click.FloatRange(1),
+            default=None,
+            help="Seconds a task's lease lasts without a heartbeat (default 30).",
+        ),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
 
-    return Settings(data_dir=data_dir, blender=blender)
+
+def _load(config_file: Path | None, **flags: Any) -> Any:
+    """Settings from flags, environment and config file; exits 2 naming what is wrong."""
+    from server.config import load_settings
+
+    try:
+        return load_settings(config_file, **flags)
+    except ValueError as exc:
+        _fail(str(exc))
 
 
-@main.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=3000, show_default=True, type=click.IntRange(1, 65535))
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_DATA_DIR,
-    show_default=True,
-    help="Database, storage and agent work folders.",
-)
-@click.option("--agents", default=1, show_default=True, type=click.IntRange(0, 64), help="Local node agents.")
-@click.option(
-    "--blender", default=None, help="Blender binary (default: blender on PATH, else the bpy module)."
-)
-@click.option(
-    "--task-timeout",
-    type=click.FloatRange(1),
-    default=3600,
-    show_default=True,
-    help="Hard limit of one render attempt, in seconds.",
-)
-@click.option(
-    "--stall-timeout",
-    type=click.FloatRange(1),
-    default=600,
-    show_default=True,
-    help="Kill a render that prints nothing for this many seconds.",
-)
-def up(
-    host: str,
-    port: int,
-    data_dir: Path,
-    agents: int,
-    blender: str | None,
-    task_timeout: float,
-    stall_timeout: float,
-) -> None:
-    """Start the whole farm in one process: API, scheduler and local node agents."""
+def _serve(settings: Any, host: str, port: int, agents: int, what: str) -> None:
+    """Run the farm (API, scheduler and ``agents`` local agents) until SIGINT/SIGTERM."""
     from cli.farm import running_farm
-
-    settings = _settings(data_dir, blender)
-    settings.task_timeout_s, settings.stall_timeout_s = task_timeout, stall_timeout
+    from server.config import redact_url
 
     async def serve() -> None:
         stop = asyncio.Event()
@@ -116,13 +139,27 @@ def up(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         async with running_farm(settings, host, port, agents) as farm:
+            backends = ", ".join(
+                redact_url(u)
+                for u in (
+                    settings.database_url,
+                    settings.broker_url,
+                    settings.cache_url,
+                    settings.storage_url,
+                )
+            )
             console.print(
-                f"renderfarm is up at [bold]{farm.url}[/] with {agents} local agent(s); "
-                f"data in {data_dir}. Ctrl-C stops it.",
+                f"renderfarm {what} is up at [bold]{farm.url}[/] with {agents} local agent(s); "
+                f"data in {settings.data_dir}; backends: {backends}. Ctrl-C stops it.",
                 highlight=False,
             )
+            if not settings.agent_token and agents == 0:
+                console.print(
+                    f"agents authenticate with the token in {settings.data_dir / 'secrets' / 'agent-token'}",
+                    highlight=False,
+                )
             await stop.wait()
-        console.print("renderfarm stopped")
+        console.print(f"renderfarm {what} stopped")
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(
@@ -136,6 +173,76 @@ def up(
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     except (ValueError, BlenderNotFound) as exc:
         _fail(str(exc))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=3000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--agents", default=1, show_default=True, type=click.IntRange(0, 64), help="Local node agents.")
+@backend_options
+def up(host: str, port: int, agents: int, config_file: Path | None, **flags: Any) -> None:
+    """Start the whole farm in one process: API, scheduler and local node agents."""
+    _serve(_load(config_file, **flags), host, port, agents, "farm")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=3000, show_default=True, type=click.IntRange(1, 65535))
+@backend_options
+def server(host: str, port: int, config_file: Path | None, **flags: Any) -> None:
+    """Run the API and the scheduler alone; agents run elsewhere (renderfarm agent).
+
+    Several servers may share one database, broker, cache and storage: each serves the
+    API, and one at a time runs the scheduler.
+    """
+    _serve(_load(config_file, **flags), host, port, 0, "server")
+
+
+@main.command()
+@server_option
+@click.option(
+    "--token",
+    envvar="RENDERFARM_AGENT_TOKEN",
+    required=True,
+    help="The farm's agent token (or RENDERFARM_AGENT_TOKEN).",
+)
+@click.option(
+    "--broker-url",
+    default=None,
+    envvar="RENDERFARM_AGENT_BROKER_URL",
+    help="Broker to consume from (default: the one the server names).",
+)
+@click.option("--name", default=None, help="Agent name (default <host>-<pid>).")
+@click.option("--pool", default="default", show_default=True, help="Capability pool to take tasks from.")
+@click.option("--tag", "tags", multiple=True, help="A tag to advertise (repeatable).")
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Input cache and attempt folders (default <data dir>/agent-<name>).",
+)
+@click.option(
+    "--blender", default=None, help="Blender binary (default: blender on PATH, else the bpy module)."
+)
+def agent(
+    server: str,
+    token: str,
+    broker_url: str | None,
+    name: str | None,
+    pool: str,
+    tags: tuple[str, ...],
+    work_dir: Path | None,
+    blender: str | None,
+) -> None:
+    """Run one node agent: register with SERVER, take tasks from the broker, render, report."""
+    from cli.agent import run_agent
+
+    try:
+        asyncio.run(run_agent(server, token, broker_url, name, pool, list(tags), work_dir, blender, console))
+    except (ValueError, BlenderNotFound) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        pass
 
 
 def _render_options(f: Any) -> Any:
@@ -386,9 +493,10 @@ def demo(workdir: Path, frames: str, chunk: int, agents: int, blender: str | Non
         scene = await make_sample_scene(workdir / "sample_scene.blend", blender)
         for old in (workdir / "frames").glob("frame_*"):  # the demo owns this folder: no stale frames
             old.unlink()
-        async with running_farm(
-            _settings(workdir / "farm", blender), port=free_port(), agents=agents
-        ) as farm:
+        from server.config import Settings
+
+        settings = Settings(data_dir=workdir / "farm", blender=blender)  # always the embedded backends
+        async with running_farm(settings, port=free_port(), agents=agents) as farm:
             console.print(
                 f"farm up at {farm.url}; submitting frames {frames} in chunks of {chunk}", highlight=False
             )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -43,10 +44,10 @@ from protocol.frames import format_frames
 from protocol.messages import (
     OUTPUT_EXTENSIONS,
     RENDER_OVERRIDES,
-    TASK_QUEUE,
     RenderParams,
     TaskMessage,
     TaskSpec,
+    queue_for_pool,
 )
 from templates import template_path
 
@@ -98,6 +99,9 @@ class NodeAgent:
         work_dir: holds the input cache and one folder per attempt.
         executor: runs Blender (:class:`node_agent.executor.local.LocalExecutor`).
         name: shown in the API as the task's agent; defaults to ``<host>-<pid>``.
+        pool: the capability pool whose queue it consumes.
+        capabilities: what it advertises when it registers (see :mod:`node_agent.capabilities`).
+        register: register with the server and heartbeat every ``heartbeat_s`` seconds.
     """
 
     def __init__(
@@ -108,6 +112,9 @@ class NodeAgent:
         work_dir: Path,
         executor: Executor,
         name: str | None = None,
+        pool: str = "default",
+        capabilities: dict[str, Any] | None = None,
+        register: bool = True,
     ) -> None:
         self.server_url = server_url.rstrip("/")
         self.token = token
@@ -116,6 +123,11 @@ class NodeAgent:
         self.executor = executor
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.inputs = InputCache(self.work_dir / "inputs")
+        self.pool = pool
+        self.capabilities = capabilities if capabilities is not None else {}
+        self.register_with_server = register
+        self.queue = queue_for_pool(pool)
+        self.registration: dict[str, Any] = {}
         self._http: aiohttp.ClientSession | None = None
 
     # ------------------------------------------------------------ loop
@@ -131,8 +143,67 @@ class NodeAgent:
             timeout=timeout, headers={"Authorization": f"Bearer {self.token}"}
         ) as http:
             self._http = http
-            async for delivery in self.broker.consume(TASK_QUEUE, prefetch=1):
-                await self.handle(delivery)
+            beats: asyncio.Task[None] | None = None
+            if self.register_with_server:
+                await self.register()
+                beats = asyncio.create_task(self._agent_heartbeats(), name=f"{self.name}-heartbeat")
+            try:
+                async for delivery in self.broker.consume(self.queue, prefetch=1):
+                    await self.handle(delivery)
+            finally:
+                if beats is not None:
+                    beats.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await beats
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self._beat(stopping=True))
+
+    async def register(self, retry_s: float = 2.0, give_up_s: float | None = None) -> dict[str, Any]:
+        """Register with the server, retrying while it is unreachable; returns what it answered.
+
+        Raises:
+            ServerError: when the server refuses (a 4xx: bad token, bad name), or is still
+                unreachable after ``give_up_s`` seconds (``None``: keep trying).
+        """
+        started = time.monotonic()
+        while True:
+            try:
+                self.registration = await self._call(
+                    "POST",
+                    "/api/agent/register",
+                    json={
+                        "name": self.name,
+                        "pool": self.pool,
+                        "capabilities": self.capabilities,
+                        "version": _version(),
+                    },
+                )
+                return self.registration
+            except ServerError as exc:
+                if 400 <= exc.status < 500:
+                    raise
+                if give_up_s is not None and time.monotonic() - started > give_up_s:
+                    raise
+                log.warning("cannot register with %s yet (%s); retrying", self.server_url, exc.message)
+                await asyncio.sleep(retry_s)
+
+    async def _beat(self, stopping: bool = False) -> None:
+        await self._call(
+            "POST", "/api/agent/heartbeat", retries=1, json={"name": self.name, "stopping": stopping}
+        )
+
+    async def _agent_heartbeats(self) -> None:
+        period = float(self.registration.get("heartbeat_s") or 5.0)
+        while True:
+            await asyncio.sleep(max(period, 1.0))
+            try:
+                await self._beat()
+            except ServerError as exc:
+                if exc.status == 404:  # the server forgot us (database reset): register again
+                    with contextlib.suppress(ServerError):
+                        await self.register(give_up_s=0)
+                else:
+                    log.warning("agent heartbeat failed: %s", exc.message)
 
     async def handle(self, delivery: _Delivery) -> None:
         """Process one delivery; ack once the server has the result, nack if the server is unreachable."""
@@ -355,6 +426,13 @@ class NodeAgent:
             await asyncio.sleep(delay)
             delay *= 2
         raise ServerError(0, "unreachable")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("renderfarm")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 def _warnings(attempt: _Attempt) -> str:

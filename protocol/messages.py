@@ -28,6 +28,14 @@ RENDER_OVERRIDES = (
 """Job fields that override the .blend's render settings; they travel job -> TaskSpec -> RenderParams."""
 
 TASK_QUEUE = "renderfarm.tasks"
+
+
+def queue_for_pool(pool: str) -> str:
+    """The broker queue of a capability pool: ``renderfarm.tasks`` for the default pool,
+    ``renderfarm.tasks.<pool>`` for the others (pool names are ``[a-z0-9:_-]``)."""
+    return TASK_QUEUE if pool in ("", "default") else f"{TASK_QUEUE}.{pool}"
+
+
 """Broker queue that holds one :class:`TaskMessage` per task to render."""
 
 EVENT_PREFIX = "@@renderfarm "

@@ -6,13 +6,14 @@ import logging
 
 from aiohttp import web
 
-from server.api import agent, jobs, meta, models, outputs  # noqa: F401  (modules register their routes)
+from server.api import agent, jobs, meta, models, nodes, outputs  # noqa: F401  (modules register their routes)
 from server.api import metrics as _metrics_routes  # noqa: F401  (GET /metrics)
 from server.api.middleware import CTX, errors_middleware, origin_middleware, permission_middleware
 from server.api.registry import add_routes
 from server.context import FarmContext
 from server.scheduler import Scheduler
-from server.scheduler.recovery import requeue_queued_tasks
+from server.scheduler.dispatcher import forget_dispatches
+from server.scheduler.reconciler import reconcile_cache
 
 log = logging.getLogger(__name__)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
@@ -35,9 +36,16 @@ def create_app(ctx: FarmContext, *, run_scheduler: bool = True) -> web.Applicati
     async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
         await ctx.db.create_all()
         if getattr(ctx.broker, "durable", True) is False:
-            n = await requeue_queued_tasks(ctx)
+            n = await forget_dispatches(ctx)
             if n:
-                log.warning("requeued %d queued task(s) left from the previous run", n)
+                log.warning("dispatching again %d queued task(s) left from the previous run", n)
+        hooks = getattr(ctx.cache, "on_recover", None)
+        if isinstance(hooks, list):  # after a cache outage, rewrite what it missed
+
+            async def _rewrite() -> None:
+                await reconcile_cache(ctx, full=True)
+
+            hooks.append(_rewrite)
         scheduler = Scheduler(ctx)
         if run_scheduler:
             scheduler.start()

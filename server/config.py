@@ -7,15 +7,26 @@ one process and one data directory:
 * broker: ``memory://`` (in-process queue)
 * cache: ``memory://`` (in-process status cache and event bus)
 * storage: ``file://<data_dir>/storage``
+
+A studio's farm names its own (``mysql+aiomysql://``, ``amqp://``, ``redis://``,
+``s3://``). Settings come, highest first, from command-line flags, environment
+variables ``RENDERFARM_<FIELD>`` (``RENDERFARM_DATABASE_URL``...), a TOML config
+file (``--config`` or ``RENDERFARM_CONFIG``; keys are the field names) and the
+defaults below. See :func:`load_settings`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import secrets
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from server.model_manager.limits import ModelLimits
 
@@ -40,6 +51,15 @@ class Settings:
         loopback_only: the API listens on a loopback address only, so requests naming
             another host (DNS rebinding) are refused.
         limits: size and archive caps for uploaded models.
+        agent_token: the token node agents present; empty means one generated and kept in
+            ``data_dir/secrets/agent-token`` (a farm of several servers sets the same one on each).
+        signing_key: key of signed download URLs; empty means one kept in ``data_dir/secrets``.
+        agent_broker_url: the broker URL handed to agents that register (default: ``broker_url``;
+            set it when agents reach the broker by another name or with other credentials).
+        dispatch_window: tasks per pool waiting in the broker at a time; 0 means twice the
+            pool's online agents, at least 4.
+        reconcile_s: seconds between reconciler passes (database vs broker and cache).
+        status_interval_s: the longest a coalesced job summary waits before it is published.
     """
 
     data_dir: Path
@@ -57,6 +77,12 @@ class Settings:
     blender: str | None = None
     loopback_only: bool = False
     limits: ModelLimits = field(default_factory=ModelLimits)
+    agent_token: str = field(default="", repr=False)
+    signing_key: str = field(default="", repr=False)
+    agent_broker_url: str = field(default="", repr=False)
+    dispatch_window: int = 0
+    reconcile_s: float = 10.0
+    status_interval_s: float = 0.2
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser().resolve()
@@ -107,6 +133,14 @@ class Settings:
         os.write(fd, str(os.getpid()).encode())
         return fd
 
+    def token(self) -> str:
+        """The agent token: ``agent_token`` if set, else the one kept in the data folder."""
+        return self.agent_token or self.secret("agent-token")
+
+    def signing_secret(self) -> str:
+        """The signing key of download URLs: ``signing_key`` if set, else one kept in the data folder."""
+        return self.signing_key or self.secret("storage-signing-key")
+
     def secret(self, name: str) -> str:
         """Return a random secret kept in ``data_dir/secrets/<name>`` (mode 0600), made on first use."""
         folder = self.data_dir / "secrets"
@@ -118,3 +152,87 @@ class Settings:
             with os.fdopen(fd, "w") as fh:
                 fh.write(secrets.token_urlsafe(32))
         return path.read_text().strip()
+
+
+SECRET_FIELDS = frozenset({"agent_token", "signing_key"})
+"""Settings never printed or logged."""
+_LOADABLE = {f.name: f.type for f in dataclasses.fields(Settings) if f.name not in ("limits",)}
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for messages and logs)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def _convert(name: str, value: Any) -> Any:
+    kind = str(_LOADABLE[name])
+    try:
+        if kind in ("float", "'float'"):
+            return float(value)
+        if kind in ("int", "'int'"):
+            return int(value)
+        if kind in ("bool", "'bool'"):
+            if isinstance(value, bool):
+                return value
+            return str(value).strip().lower() in ("1", "true", "yes", "on")
+    except (TypeError, ValueError):
+        raise ValueError(f"setting {name} must be a {kind.strip(chr(39))}, not {value!r}") from None
+    return None if value is None else str(value)
+
+
+def load_settings(
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    **flags: Any,
+) -> Settings:
+    """Settings from ``flags`` (``None`` values ignored), then the environment, then a TOML file.
+
+    Args:
+        config_file: a TOML file of ``field = value`` pairs; default ``RENDERFARM_CONFIG`` if set.
+        env: the environment (default ``os.environ``); ``RENDERFARM_<FIELD>`` variables.
+        flags: field values from the command line.
+
+    Raises:
+        ValueError: naming the config file when it cannot be read or parsed, an unknown key,
+            or a value of the wrong type.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = config_file or (Path(env["RENDERFARM_CONFIG"]) if env.get("RENDERFARM_CONFIG") else None)
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ValueError(f"config file {path}: {exc.strerror or exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"config file {path} is not valid TOML: {exc}") from exc
+        for key, value in data.items():
+            if key not in _LOADABLE:
+                raise ValueError(
+                    f"config file {path}: unknown setting {key!r}; known: {', '.join(sorted(_LOADABLE))}"
+                )
+            values[key] = _convert(key, value)
+    for name in _LOADABLE:
+        raw = env.get(f"RENDERFARM_{name.upper()}")
+        if raw not in (None, ""):
+            values[name] = _convert(name, raw)
+    for name, value in flags.items():
+        if value is None:
+            continue
+        if name not in _LOADABLE:
+            raise ValueError(f"unknown setting {name!r}")
+        values[name] = value
+    values.setdefault("data_dir", DEFAULT_DATA_DIR)
+    return Settings(**values)
+
+
+DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "renderfarm"
+"""Where the embedded farm keeps its database, storage and secrets by default."""

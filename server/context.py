@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from node_agent.executor.base import Executor
 from node_agent.executor.local import LocalExecutor
@@ -20,7 +22,8 @@ class FarmContext:
     """Settings plus one instance of each backend, and the Blender executor used to inspect models.
 
     ``outbox_ready`` is set whenever rows are added to the outbox, so the relay
-    publishes them at once instead of at its next poll.
+    publishes them at once instead of at its next poll; ``dispatch_ready`` whenever
+    tasks become dispatchable or a slot of the dispatch window frees up.
     """
 
     settings: Settings
@@ -33,6 +36,20 @@ class FarmContext:
     lock_fd: int = -1
     inspect_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
     outbox_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    dispatch_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    status: Any = None
+    """The :class:`server.jobs.status.StatusPublisher` (made on first use by the service)."""
+    metrics: Any = None
+    """The :class:`server.metrics.FarmMetrics` of the app serving this farm, if any."""
+
+    def observe(self, name: str, value: float, **labels: Any) -> None:
+        """Record a measurement in the farm's metrics (no-op without metrics); never raises."""
+        if self.metrics is None:
+            return
+        try:
+            self.metrics.observe(name, value, **labels)
+        except Exception:
+            logging.getLogger(__name__).debug("metric %s not recorded", name, exc_info=True)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FarmContext:
@@ -49,14 +66,16 @@ class FarmContext:
             db=Database(settings.database_url),
             broker=open_broker(settings.broker_url),
             cache=open_cache(settings.cache_url),
-            storage=open_storage(settings.storage_url, settings.secret("storage-signing-key")),
-            agent_token=settings.secret("agent-token"),
+            storage=open_storage(settings.storage_url, settings.signing_secret()),
+            agent_token=settings.token(),
             executor=LocalExecutor(settings.blender),
             lock_fd=lock_fd,
         )
 
     async def close(self) -> None:
         """Close every backend."""
+        if self.status is not None:
+            await self.status.close()
         await self.broker.close()
         await self.cache.close()
         await self.db.close()

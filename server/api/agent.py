@@ -10,10 +10,19 @@ from aiohttp import web
 from protocol.messages import TaskResult
 from server.api.middleware import CTX, parse_body, parse_frame_param
 from server.api.registry import route
-from server.api.schemas import ClaimRequest, HeartbeatRequest, ResultRequest
+from server.api.schemas import (
+    AgentBeat,
+    AgentOut,
+    AgentRegister,
+    AgentRegistered,
+    ClaimRequest,
+    HeartbeatRequest,
+    ResultRequest,
+)
 from server.context import FarmContext
 from server.errors import ApiError
 from server.jobs import service
+from server.nodes import service as nodes
 
 MAX_FRAME_BYTES = 2 << 30
 
@@ -112,3 +121,34 @@ async def release(request: web.Request) -> web.Response:
     ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
     req = await parse_body(request, HeartbeatRequest)
     return web.json_response(await service.release_task(ctx, request.match_info["task_id"], req.lease_id))
+
+
+@route(
+    "POST",
+    "/api/agent/register",
+    permission="agent",
+    body=AgentRegister,
+    response=AgentRegistered,
+    summary="An agent starting: records its capabilities; returns its queue, broker URL and intervals",
+)
+async def register(request: web.Request) -> web.Response:
+    """A restarted agent with the same name takes its row back."""
+    ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
+    req = await parse_body(request, AgentRegister)
+    out = await nodes.register(ctx, req.name, req.pool, req.capabilities.model_dump(), req.version)
+    return web.json_response(out)
+
+
+@route(
+    "POST",
+    "/api/agent/heartbeat",
+    permission="agent",
+    body=AgentBeat,
+    response=AgentOut,
+    summary="The agent is alive (every heartbeat_s seconds), or going offline (stopping)",
+)
+async def agent_heartbeat(request: web.Request) -> web.Response:
+    """404 tells the agent to register again."""
+    ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
+    req = await parse_body(request, AgentBeat)
+    return web.json_response(await nodes.beat(ctx, req.name, req.stopping))

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+from typing import Any
+
 from aiohttp import web
 from sqlalchemy import select
 
@@ -12,6 +17,7 @@ from server.context import FarmContext
 from server.errors import ApiError, not_found
 from server.jobs import service
 from server.jobs import task_state_machine as sm
+from server.jobs.status import task_status as task_status_dict
 from server.persistence.tables import Job, Task
 
 
@@ -76,12 +82,61 @@ async def get_job(request: web.Request) -> web.Response:
     """Served from the status cache, falling back to the database."""
     ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
     job_id = request.match_info["job_id"]
-    cached = None
+    raw = await ctx.cache.get_raw(f"job:{job_id}")  # never raises: None on a miss or an outage
+    if raw is not None:
+        return web.Response(body=raw, content_type="application/json")
+    return web.json_response(await service.job_summary(ctx, job_id))
+
+
+@route(
+    "GET",
+    "/api/jobs/{job_id}/events",
+    permission="job:read",
+    summary="Live events of a job as server-sent events: summaries, task changes, progress, new frames",
+    response_content="text/event-stream",
+)
+async def job_events(request: web.Request) -> web.StreamResponse:
+    """``event: <type>`` / ``data: <JSON>`` pairs; the first is the job's summary, the last a finished one.
+
+    Fed by the cache's pub/sub channel ``job:<id>`` (Redis across server processes). When
+    no event arrives for ``RESYNC_S`` seconds (or the cache is down), the summary is read
+    from the database and sent again, which also keeps the connection alive.
+    """
+    ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
+    job_id = request.match_info["job_id"]
+    sub = ctx.cache.subscribe(f"job:{job_id}")
     try:
-        cached = await ctx.cache.get(f"job:{job_id}")
-    except Exception:  # a cache outage must not fail a status read
-        cached = None
-    return web.json_response(cached or await service.job_summary(ctx, job_id))
+        with contextlib.suppress(TimeoutError, Exception):
+            await sub.ready(2.0)
+        summary = await service.job_summary(ctx, job_id)  # 404 before the stream starts
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await resp.prepare(request)
+        event: dict[str, Any] = {"type": "job", "job": summary}
+        while True:
+            data = json.dumps(event, separators=(",", ":"))
+            await resp.write(f"event: {event.get('type', 'message')}\ndata: {data}\n\n".encode())
+            if event.get("type") == "job" and event["job"].get("state") in sm.FINISHED:
+                break
+            try:
+                event = await asyncio.wait_for(sub.__anext__(), RESYNC_S)
+            except TimeoutError:
+                event = {"type": "job", "job": await service.job_summary(ctx, job_id)}
+            except StopAsyncIteration:
+                break
+        await resp.write_eof()
+        return resp
+    finally:
+        await sub.aclose()
+
+
+RESYNC_S = 5.0
+"""Seconds without an event after which the events stream re-reads the job from the database."""
 
 
 def task_out(t: Task) -> TaskOut:
@@ -132,20 +187,15 @@ async def task_status(request: web.Request) -> web.Response:
     """A small, fast status read."""
     ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
     task_id = request.match_info["task_id"]
+    raw = await ctx.cache.get_raw(f"task:{task_id}")
+    if raw is not None:
+        return web.Response(body=raw, content_type="application/json")
     async with ctx.db.session() as s:
         t = await s.get(Task, task_id)
     if t is None:
         raise not_found("task", task_id)
-    return json_ok(
-        TaskStatus(
-            id=t.id,
-            job_id=t.job_id,
-            state=t.state,
-            current_frame=t.current_frame,
-            attempts=t.attempts,
-            message=t.message,
-        )
-    )
+    await service.status_of(ctx).tasks([t], events=False)
+    return web.json_response(task_status_dict(t))
 
 
 @route(

@@ -90,14 +90,18 @@ class TaskList(BaseModel):
 
 
 class TaskStatus(BaseModel):
-    """``GET /api/tasks/{task_id}/status``."""
+    """``GET /api/tasks/{task_id}/status`` (served from the status cache)."""
 
     id: str
     job_id: str
+    index: int
     state: str
     current_frame: int | None
     attempts: int
+    agent: str | None
     message: str
+    started_at: str | None
+    finished_at: str | None
 
 
 class ModelOut(BaseModel):
@@ -166,3 +170,61 @@ class ErrorBody(BaseModel):
     """Every error: ``{"error": {"status", "message", "field"}}``."""
 
     error: dict[str, Any]
+
+
+class AgentCapabilities(BaseModel):
+    """What an agent advertises: CPU cores, memory in bytes, GPUs and their backends, Blender, tags."""
+
+    model_config = ConfigDict(extra="allow")
+    cpu_cores: StrictInt = Field(0, ge=0, le=100_000)
+    memory_bytes: StrictInt = Field(0, ge=0)
+    gpus: list[dict[str, Any]] = Field(default_factory=list, max_length=64)
+    backends: list[Annotated[str, Field(max_length=32)]] = Field(default_factory=list, max_length=16)
+    blender: str = Field("", max_length=64)
+    tags: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=64)
+
+
+class AgentRegister(_Strict):
+    """``POST /api/agent/register``."""
+
+    name: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")
+    pool: str = Field("default", min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9:_-]*$")
+    capabilities: AgentCapabilities = Field(default_factory=AgentCapabilities)
+    version: str = Field("", max_length=64)
+
+
+class AgentBeat(_Strict):
+    """``POST /api/agent/heartbeat``: the agent is alive, or (``stopping``) going offline."""
+
+    name: str = Field(min_length=1, max_length=255)
+    stopping: StrictBool = False
+
+
+class AgentOut(BaseModel):
+    """A registered node agent and whether it is online now."""
+
+    id: str
+    name: str
+    pool: str
+    version: str
+    capabilities: dict[str, Any]
+    online: bool
+    current_task_id: str | None
+    registered_at: str
+    last_seen_at: str
+
+
+class AgentRegistered(BaseModel):
+    """What a registering agent is told: its queue, the broker to consume from, its intervals."""
+
+    agent: AgentOut
+    queue: str
+    broker_url: str | None
+    heartbeat_s: float
+    lease_s: float
+
+
+class AgentList(BaseModel):
+    """``GET /api/agents``: online agents first."""
+
+    agents: list[AgentOut]

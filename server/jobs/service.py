@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import logging
 import weakref
-from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,15 +18,26 @@ from protocol.frames import FrameSpecError, chunk_frames, format_frames, parse_f
 from protocol.messages import (
     OUTPUT_EXTENSIONS,
     RENDER_OVERRIDES,
-    TASK_QUEUE,
     TaskMessage,
     TaskResult,
     TaskSpec,
+    queue_for_pool,
 )
 from server.context import FarmContext
 from server.errors import ApiError, not_found
 from server.jobs import task_state_machine as sm
-from server.persistence.tables import Frame, Job, Model, OutboxMessage, Task, new_id, utcnow
+from server.jobs.status import StatusPublisher
+from server.persistence.tables import (
+    DEFAULT_POOL,
+    Agent,
+    Frame,
+    Job,
+    Model,
+    OutboxMessage,
+    Task,
+    new_id,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 _frame_locks: weakref.WeakValueDictionary[tuple[str, int], asyncio.Lock] = weakref.WeakValueDictionary()
@@ -77,14 +87,18 @@ async def create_job(ctx: FarmContext, req: dict[str, Any]) -> Job:
             priority=req.get("priority", 0),
             scene=scene,
             overrides=overrides,
+            owner=req.get("owner") or "",
+            pool=req.get("pool") or DEFAULT_POOL,
         )
         s.add(job)
-        for i, chunk in enumerate(chunk_frames(frames, req["chunk_size"])):
-            task = Task(id=new_id(), job_id=job.id, index=i, frames=chunk)
-            s.add(task)
-            s.add(outbox_for(task, job))
+        s.add_all(
+            [
+                Task(id=new_id(), job_id=job.id, index=i, frames=chunk, pool=job.pool)
+                for i, chunk in enumerate(chunk_frames(frames, req["chunk_size"]))
+            ]
+        )
         await s.commit()
-    ctx.outbox_ready.set()
+    ctx.dispatch_ready.set()
     await publish_job(ctx, job.id)
     return job
 
@@ -162,9 +176,9 @@ def _check_missing(info: dict[str, Any]) -> None:
 
 
 def outbox_for(task: Task, job: Job) -> OutboxMessage:
-    """The outbox row that will put ``task`` on the task queue at the job's priority."""
+    """The outbox row that will put ``task`` on its pool's queue at the job's priority."""
     msg = TaskMessage(task_id=task.id, job_id=job.id, priority=job.priority)
-    return OutboxMessage(queue=TASK_QUEUE, payload=msg.to_dict(), priority=job.priority)
+    return OutboxMessage(queue=queue_for_pool(task.pool), payload=msg.to_dict(), priority=job.priority)
 
 
 async def cancel_job(ctx: FarmContext, job_id: str) -> Job:
@@ -185,9 +199,13 @@ async def cancel_job(ctx: FarmContext, job_id: str) -> Job:
             update(Task)
             .where(Task.job_id == job_id, Task.state.in_([sm.QUEUED, sm.RUNNING]))
             .values(state=sm.CANCELED, finished_at=now, message="canceled", lease_id=None)
+            .execution_options(synchronize_session=False)
         )
         await s.commit()
+        canceled = (await s.scalars(select(Task).where(Task.job_id == job_id, Task.finished_at == now))).all()
+    await status_of(ctx).tasks(canceled, events=False)
     await publish_job(ctx, job_id)
+    ctx.dispatch_ready.set()
     return job
 
 
@@ -229,36 +247,71 @@ async def job_summary(ctx: FarmContext, job_id: str, session: AsyncSession | Non
     }
 
 
-async def publish_job(ctx: FarmContext, job_id: str) -> dict[str, Any]:
-    """Refresh the cached status of a job (after a commit) and send it to the job's event channel."""
-    summary = await job_summary(ctx, job_id)
-    try:
-        await ctx.cache.set(f"job:{job_id}", summary, ttl_s=86400)
-        await ctx.cache.publish(f"job:{job_id}", {"type": "job", "job": summary})
-    except Exception:  # the cache is a copy; the database stays right
-        log.warning("cache update failed for job %s", job_id, exc_info=True)
-    return summary
+def status_of(ctx: FarmContext) -> StatusPublisher:
+    """The farm's status publisher (made on first use)."""
+    if ctx.status is None:
+        ctx.status = StatusPublisher(
+            ctx.cache, lambda job_id: job_summary(ctx, job_id), ctx.settings.status_interval_s
+        )
+    return ctx.status
 
 
-async def _refresh_job_state(s: AsyncSession, job: Job) -> None:
-    rows = await s.execute(select(Task.state).where(Task.job_id == job.id))
-    states = [r[0] for r in rows]
-    new = sm.job_state(states, job.state)
-    if new != job.state:
-        job.state = new
-        if new in sm.FINISHED:
-            job.finished_at = utcnow()
-            if new == sm.FAILED:
-                failed = await s.scalars(
+async def publish_job(ctx: FarmContext, job_id: str, now: bool = True) -> None:
+    """Refresh the cached summary of a job after a commit and send it on the job's event channel.
+
+    Args:
+        now: publish at once (the job's state changed); otherwise within a fraction of a second,
+            coalesced with other changes of the same job.
+    """
+    if now:
+        await status_of(ctx).job_now(job_id)
+    else:
+        status_of(ctx).job_later(job_id)
+
+
+async def _has(s: AsyncSession, job_id: str, states: list[str]) -> bool:
+    """Whether the job has a task in one of ``states`` (an index seek on tasks(job_id, state))."""
+    q = select(Task.id).where(Task.job_id == job_id, Task.state.in_(states)).limit(1)
+    return (await s.scalar(q)) is not None
+
+
+async def _refresh_job_state(s: AsyncSession, job: Job) -> bool:
+    """Bring the job's state in line with its tasks' (see :func:`sm.job_state`); returns whether it changed.
+
+    Uses existence checks on the (job_id, state) index rather than reading every task,
+    so that it costs the same for a job of 10 tasks and one of 10,000.
+    """
+    if job.state == sm.CANCELED:
+        return False
+    if await _has(s, job.id, [sm.RUNNING]):
+        new = sm.RUNNING
+    elif await _has(s, job.id, [sm.QUEUED]):
+        new = sm.RUNNING if await _has(s, job.id, list(sm.FINISHED)) else sm.QUEUED
+    elif await _has(s, job.id, [sm.FAILED]):
+        new = sm.FAILED
+    elif await _has(s, job.id, [sm.CANCELED]):
+        new = sm.CANCELED
+    else:
+        new = sm.COMPLETED
+    if new == job.state:
+        return False
+    job.state = new
+    if new in sm.FINISHED:
+        job.finished_at = utcnow()
+        if new == sm.FAILED:
+            first = (
+                await s.scalars(
                     select(Task).where(Task.job_id == job.id, Task.state == sm.FAILED).order_by(Task.index)
                 )
-                first = failed.first()
-                n = Counter(states)[sm.FAILED]
-                job.message = (
-                    f"{n} task(s) failed; first: frames {format_frames(first.frames)}: {first.message}"
-                )
-            elif new == sm.COMPLETED:
-                job.message = ""
+            ).first()
+            n = await s.scalar(
+                select(func.count()).select_from(Task).where(Task.job_id == job.id, Task.state == sm.FAILED)
+            )
+            assert first is not None
+            job.message = f"{n} task(s) failed; first: frames {format_frames(first.frames)}: {first.message}"
+        elif new == sm.COMPLETED:
+            job.message = ""
+    return True
 
 
 # ---------------------------------------------------------------- agent side
@@ -292,11 +345,21 @@ async def claim_task(ctx: FarmContext, task_id: str, agent: str) -> TaskSpec:
             raise not_found("task", task_id)
         if res.rowcount != 1:
             raise ApiError(409, f"task {task_id} is not waiting to run (state {task.state})", "task_id")
+        await s.refresh(task)
         job = await s.get(Job, task.job_id)
         model = await s.get(Model, job.model_id)
-        await _refresh_job_state(s, job)
+        changed = job.state == sm.QUEUED
+        if changed:
+            job.state = sm.RUNNING
+        await s.execute(
+            update(Agent).where(Agent.name == agent).values(current_task_id=task_id, last_seen_at=now)
+        )
         await s.commit()
-    await publish_job(ctx, task.job_id)
+    if task.dispatched_at is not None:
+        ctx.observe("dispatch_latency", (now - task.dispatched_at).total_seconds())
+    ctx.dispatch_ready.set()  # a slot of the dispatch window is free
+    await status_of(ctx).tasks([task])
+    await publish_job(ctx, task.job_id, now=changed)
     ov = job.overrides
     return TaskSpec(
         task_id=task.id,
@@ -346,8 +409,9 @@ async def heartbeat(
             task.current_frame = current_frame
         await s.commit()
     if changed:
-        await ctx.cache.publish(
-            f"job:{task.job_id}", {"type": "progress", "task_id": task_id, "frame": current_frame}
+        await status_of(ctx).tasks([task], events=False)
+        await status_of(ctx).event(
+            task.job_id, {"type": "progress", "task_id": task_id, "frame": current_frame}
         )
     return {"cancel": False}
 
@@ -419,8 +483,8 @@ async def store_frame(
                 return _frame_dict(existing), False
     finally:
         upload.unlink(missing_ok=True)
-    await ctx.cache.publish(f"job:{task.job_id}", {"type": "frame", "frame": frame, "task_id": task_id})
-    await publish_job(ctx, task.job_id)
+    await status_of(ctx).event(task.job_id, {"type": "frame", "frame": frame, "task_id": task_id})
+    await publish_job(ctx, task.job_id, now=False)
     return _frame_dict(row), True
 
 
@@ -469,10 +533,13 @@ async def finish_task(ctx: FarmContext, task_id: str, result: TaskResult) -> dic
         task.render_seconds = result.render_seconds
         task.finished_at, task.lease_id, task.lease_expires_at = utcnow(), None, None
         job = await s.get(Job, task.job_id)
-        await _refresh_job_state(s, job)
+        changed = await _refresh_job_state(s, job)
+        await s.execute(update(Agent).where(Agent.current_task_id == task_id).values(current_task_id=None))
         await s.commit()
         out = {"task_id": task_id, "state": state, "message": message}
-    await publish_job(ctx, task.job_id)
+    ctx.observe("task_finished", result.render_seconds, state=state, frames=len(stored))
+    await status_of(ctx).tasks([task])
+    await publish_job(ctx, task.job_id, now=changed)
     return out
 
 
@@ -488,12 +555,13 @@ async def release_task(ctx: FarmContext, task_id: str, lease_id: str) -> dict[st
         sm.check_task_transition(task.state, sm.QUEUED)
         task.state, task.message = sm.QUEUED, f"released by agent {task.agent} (stopping)"
         task.attempts = max(0, task.attempts - 1)
-        task.lease_id = task.lease_expires_at = task.current_frame = None
-        s.add(outbox_for(task, job))
-        await _refresh_job_state(s, job)
+        task.lease_id = task.lease_expires_at = task.current_frame = task.dispatched_at = None
+        changed = await _refresh_job_state(s, job)
+        await s.execute(update(Agent).where(Agent.current_task_id == task_id).values(current_task_id=None))
         await s.commit()
-    ctx.outbox_ready.set()
-    await publish_job(ctx, task.job_id)
+    ctx.dispatch_ready.set()
+    await status_of(ctx).tasks([task])
+    await publish_job(ctx, task.job_id, now=changed)
     return {"task_id": task_id, "state": sm.QUEUED}
 
 
@@ -516,14 +584,14 @@ async def requeue_expired(ctx: FarmContext) -> int:
                 task.state, task.finished_at = sm.FAILED, now
                 task.message = f"lease expired on {task.attempts} attempts (agent {task.agent} lost)"
             else:
-                task.state = sm.QUEUED
+                task.state, task.dispatched_at = sm.QUEUED, None
                 task.message = f"requeued: lease of agent {task.agent} expired"
-                s.add(outbox_for(task, job))
             await _refresh_job_state(s, job)
             touched.add(job.id)
         await s.commit()
     if expired:
-        ctx.outbox_ready.set()
+        ctx.dispatch_ready.set()
+        await status_of(ctx).tasks(expired)
     for job_id in touched:
         await publish_job(ctx, job_id)
     return len(expired)

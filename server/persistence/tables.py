@@ -89,7 +89,7 @@ class Task(Base):
     __tablename__ = "tasks"
     __table_args__ = (
         Index("ix_tasks_state_lease", "state", "lease_expires_at"),
-        Index("ix_tasks_job_state", "job_id", "state"),
+        Index("ix_tasks_job_queue", "job_id", "state", "dispatched_at", "index"),
         Index("ix_tasks_dispatch", "pool", "state", "dispatched_at"),
     )
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)

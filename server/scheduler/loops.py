@@ -1,12 +1,22 @@
-"""Runs the relay and the timeout checker as asyncio tasks beside the API."""
+"""Runs the scheduler's loops as asyncio tasks beside the API, in the process that leads.
+
+Loops: the dispatcher (fills each pool's window), the outbox relay (publishes),
+the timeout checker (requeues expired leases) and the reconciler (repairs drift
+between the database, the broker and the cache). With several server processes,
+only the holder of the scheduler lock runs them (:mod:`server.scheduler.leader`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from server.context import FarmContext
+from server.scheduler.dispatcher import dispatch_once
+from server.scheduler.leader import LeaderLock
+from server.scheduler.reconciler import reconcile_broker, reconcile_cache
 from server.scheduler.relay import relay_once
 from server.scheduler.timeout_checker import requeue_expired
 
@@ -19,49 +29,108 @@ class Scheduler:
     Args:
         relay_poll_s: seconds between outbox polls when nothing signals new rows.
         lease_check_s: seconds between lease expiry checks.
+        reconcile_s: seconds between reconciler passes.
+        leader_check_s: seconds between checks that this process still holds the lock
+            (and, when it does not, attempts to take it).
     """
 
-    def __init__(self, ctx: FarmContext, relay_poll_s: float = 1.0, lease_check_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        ctx: FarmContext,
+        relay_poll_s: float = 1.0,
+        lease_check_s: float = 2.0,
+        reconcile_s: float | None = None,
+        leader_check_s: float = 2.0,
+    ) -> None:
         self.ctx = ctx
         self.relay_poll_s = relay_poll_s
         self.lease_check_s = lease_check_s
-        self._tasks: list[asyncio.Task[None]] = []
+        self.reconcile_s = reconcile_s if reconcile_s is not None else ctx.settings.reconcile_s
+        self.leader_check_s = leader_check_s
+        self.leading = False
+        self._task: asyncio.Task[None] | None = None
+        self._lock = LeaderLock(ctx.db)
 
     def start(self) -> None:
-        """Start both loops on the running event loop."""
-        self._tasks = [
-            asyncio.create_task(self._relay_loop(), name="outbox-relay"),
-            asyncio.create_task(self._lease_loop(), name="timeout-checker"),
-        ]
+        """Start on the running event loop (the loops begin once this process leads)."""
+        self._task = asyncio.create_task(self._lead(), name="scheduler")
 
     async def stop(self) -> None:
-        """Cancel both loops and wait for them."""
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
+        """Cancel the loops and wait for them; release the lock."""
+        if self._task is not None:
+            self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await t
-        self._tasks = []
+                await self._task
+            self._task = None
+        await self._lock.release()
 
-    async def _relay_loop(self) -> None:
-        ready = self.ctx.outbox_ready
+    async def _lead(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ready.wait(), self.relay_poll_s)
-            ready.clear()
             try:
-                while await relay_once(self.ctx) > 0:
-                    pass
-            except Exception:
-                log.exception("outbox relay failed; retrying")
-                await asyncio.sleep(self.relay_poll_s)
+                got = await self._lock.acquire()
+            except Exception as exc:
+                log.warning("cannot take the scheduler lock: %s", exc)
+                got = False
+            if not got:
+                await asyncio.sleep(self.leader_check_s)
+                continue
+            log.info("this server runs the scheduler")
+            self.leading = True
+            loops = [
+                asyncio.create_task(
+                    self._every(self._dispatch, self.ctx.dispatch_ready, 0.5), name="dispatcher"
+                ),
+                asyncio.create_task(
+                    self._every(self._relay, self.ctx.outbox_ready, self.relay_poll_s), name="relay"
+                ),
+                asyncio.create_task(
+                    self._every(self._leases, None, self.lease_check_s), name="timeout-checker"
+                ),
+                asyncio.create_task(self._every(self._reconcile, None, self.reconcile_s), name="reconciler"),
+            ]
+            self.ctx.dispatch_ready.set()
+            try:
+                while await self._lock.held():  # noqa: ASYNC110 (polls the database, not an event)
+                    await asyncio.sleep(self.leader_check_s)
+                log.warning("scheduler lock lost; stopping the scheduler loops")
+            finally:
+                self.leading = False
+                for t in loops:
+                    t.cancel()
+                for t in loops:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await t
 
-    async def _lease_loop(self) -> None:
+    async def _every(
+        self, step: Callable[[], Awaitable[None]], signal: asyncio.Event | None, poll_s: float
+    ) -> None:
         while True:
-            await asyncio.sleep(self.lease_check_s)
+            if signal is None:
+                await asyncio.sleep(poll_s)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(signal.wait(), poll_s)
+                signal.clear()
             try:
-                n = await requeue_expired(self.ctx)
-                if n:
-                    log.warning("requeued or failed %d task(s) with expired leases", n)
-            except Exception:
-                log.exception("timeout checker failed; retrying")
+                await step()
+            except Exception as exc:
+                log.warning("%s failed (retrying): %s", asyncio.current_task().get_name(), exc)  # type: ignore[union-attr]
+                log.debug("details", exc_info=True)
+                await asyncio.sleep(min(poll_s, 1.0))
+
+    async def _dispatch(self) -> None:
+        while await dispatch_once(self.ctx) > 0:
+            pass
+
+    async def _relay(self) -> None:
+        while await relay_once(self.ctx) > 0:
+            pass
+
+    async def _leases(self) -> None:
+        n = await requeue_expired(self.ctx)
+        if n:
+            log.warning("requeued or failed %d task(s) with expired leases", n)
+
+    async def _reconcile(self) -> None:
+        await reconcile_broker(self.ctx)
+        await reconcile_cache(self.ctx)

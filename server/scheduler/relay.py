@@ -26,8 +26,13 @@ async def relay_once(ctx: FarmContext, batch: int = 500) -> int:
                 .limit(batch)
             )
         ).all()
-        for row in rows:
-            await ctx.broker.publish(row.queue, json.dumps(row.payload).encode(), priority=row.priority)
-            row.published_at = utcnow()
-        await s.commit()
-    return len(rows)
+        published = 0
+        try:
+            for row in rows:
+                await ctx.broker.publish(row.queue, json.dumps(row.payload).encode(), priority=row.priority)
+                row.published_at = utcnow()
+                published += 1
+        finally:  # keep what the broker confirmed even when a later publish fails
+            if published:
+                await s.commit()
+    return published

@@ -1,0 +1,92 @@
+"""``renderfarm agent``: one node agent in its own process, on a networked broker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from node_agent.agent import NodeAgent, ServerError
+from node_agent.capabilities import detect
+from node_agent.executor.local import LocalExecutor
+from server.broker import open_broker
+from server.config import DEFAULT_DATA_DIR, redact_url
+
+
+async def run_agent(
+    server: str,
+    token: str,
+    broker_url: str | None,
+    name: str | None,
+    pool: str,
+    tags: list[str],
+    work_dir: Path | None,
+    blender: str | None,
+    console: Any,
+) -> None:
+    """Register with ``server``, then consume the pool's queue until SIGINT/SIGTERM.
+
+    The broker URL comes from ``broker_url`` or else from the server's answer to the
+    registration. On SIGTERM the task in progress is handed back to the server.
+
+    Raises:
+        ValueError: the server refused the token or the registration, stayed unreachable for
+            60 s, or uses the in-process broker (which agents in other processes cannot reach);
+            or the broker URL is not usable.
+    """
+    name = name or f"{socket.gethostname()}-{os.getpid()}"
+    work = work_dir or DEFAULT_DATA_DIR / f"agent-{name}"
+    caps = detect(blender, tags)
+    agent = NodeAgent(
+        server,
+        token,
+        None,
+        work,
+        LocalExecutor(blender),
+        name=name,
+        pool=pool,
+        capabilities=caps,  # type: ignore[arg-type]
+    )
+
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
+        agent._http = http
+        try:
+            reg = await agent.register(give_up_s=60)
+        except ServerError as exc:
+            raise ValueError(f"cannot register with {server}: {exc.message or exc}") from None
+        finally:
+            agent._http = None
+    url = broker_url or reg.get("broker_url")
+    if not url:
+        raise ValueError(
+            f"the server at {server} uses the in-process broker (memory://), which agents in other "
+            "processes cannot reach; start it with --broker-url amqp://... (RabbitMQ)"
+        )
+    broker = open_broker(url)
+    try:
+        await asyncio.wait_for(broker.check(), 30)
+    except Exception as exc:
+        await broker.close()
+        raise ValueError(f"broker {redact_url(url)} is not usable: {exc}") from exc
+    agent.broker = broker
+    console.print(
+        f"agent {name} registered with {server} (pool {pool}, {caps['cpu_cores']} cores, "
+        f"{len(caps['gpus'])} GPU(s)); taking tasks from {redact_url(url)}",
+        highlight=False,
+    )
+    loop = asyncio.get_running_loop()
+    runner = asyncio.create_task(agent.run(), name=f"agent-{name}")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, runner.cancel)
+    try:
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+    finally:
+        await broker.close()
+    console.print(f"agent {name} stopped")

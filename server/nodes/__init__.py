@@ -1,0 +1,1 @@
+"""Node agents as the server sees them: registration, liveness and capabilities."""

@@ -1,0 +1,104 @@
+"""Register node agents, record their heartbeats and list them.
+
+An agent registers with its name, pool and capabilities when it starts, then
+heartbeats every ``heartbeat_s`` seconds. It is *online* while its last heartbeat
+is younger than ``max(3 * heartbeat_s, 15)`` seconds. Agents report over HTTP
+(like every task report), so the server checks the agent token and the task's
+lease on each call and can answer 409 at once; RabbitMQ carries only dispatch.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import select
+
+from protocol.messages import queue_for_pool
+from server.context import FarmContext
+from server.errors import ApiError
+from server.persistence.tables import Agent, new_id, utcnow
+
+
+def online_after(ctx: FarmContext):  # type: ignore[no-untyped-def]
+    """The oldest heartbeat time (naive UTC) of an agent still counted online."""
+    return utcnow() - timedelta(seconds=max(3 * ctx.settings.heartbeat_s, 15.0))
+
+
+def agent_dict(a: Agent, online_since: Any) -> dict[str, Any]:
+    """The API shape of an agent row."""
+    return {
+        "id": a.id,
+        "name": a.name,
+        "pool": a.pool,
+        "version": a.version,
+        "capabilities": a.capabilities or {},
+        "online": a.state == "online" and a.last_seen_at >= online_since,
+        "current_task_id": a.current_task_id,
+        "registered_at": a.registered_at.isoformat() + "Z",
+        "last_seen_at": a.last_seen_at.isoformat() + "Z",
+    }
+
+
+def agent_broker_url(ctx: FarmContext) -> str | None:
+    """The broker URL agents in other processes consume from; ``None`` for the in-process broker."""
+    url = ctx.settings.agent_broker_url or ctx.settings.broker_url
+    return None if urlsplit(url).scheme == "memory" else url
+
+
+async def register(
+    ctx: FarmContext, name: str, pool: str, capabilities: dict[str, Any], version: str
+) -> dict[str, Any]:
+    """Record an agent (by name: a restarted agent takes its row back) and tell it how to work.
+
+    Returns:
+        ``{"agent": <agent>, "queue": str, "broker_url": str | None, "heartbeat_s": float,
+        "lease_s": float}``; ``broker_url`` is ``None`` when the server uses the in-process
+        broker, which agents in other processes cannot reach.
+    """
+    now = utcnow()
+    async with ctx.db.session() as s:
+        agent = await s.scalar(select(Agent).where(Agent.name == name))
+        if agent is None:
+            agent = Agent(id=new_id(), name=name, registered_at=now)
+            s.add(agent)
+        agent.pool, agent.capabilities, agent.version = pool, capabilities, version
+        agent.state, agent.last_seen_at, agent.current_task_id = "online", now, None
+        await s.commit()
+        out = agent_dict(agent, online_after(ctx))
+    ctx.dispatch_ready.set()  # the pool's window grows with its agents
+    return {
+        "agent": out,
+        "queue": queue_for_pool(pool),
+        "broker_url": agent_broker_url(ctx),
+        "heartbeat_s": ctx.settings.heartbeat_s,
+        "lease_s": ctx.settings.lease_s,
+    }
+
+
+async def beat(ctx: FarmContext, name: str, stopping: bool = False) -> dict[str, Any]:
+    """Record that the agent is alive (or, with ``stopping``, that it went offline cleanly).
+
+    Raises:
+        ApiError: 404 when the agent never registered (it must register again).
+    """
+    async with ctx.db.session() as s:
+        agent = await s.scalar(select(Agent).where(Agent.name == name))
+        if agent is None:
+            raise ApiError(404, f"agent {name!r} is not registered", "name")
+        agent.last_seen_at = utcnow()
+        agent.state = "offline" if stopping else "online"
+        await s.commit()
+        return agent_dict(agent, online_after(ctx))
+
+
+async def list_agents(ctx: FarmContext) -> list[dict[str, Any]]:
+    """Every registered agent, online ones first, then by name."""
+    since = online_after(ctx)
+    async with ctx.db.session() as s:
+        rows = (await s.scalars(select(Agent).order_by(Agent.name))).all()
+    out = [agent_dict(a, since) for a in rows]
+    return sorted(out, key=lambda a: (not a["online"], a["name"]))
+
+
