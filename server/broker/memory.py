@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+
+from server.broker.base import BrokerError
 
 
 @dataclass(order=True)
@@ -17,8 +19,8 @@ class _Item:
 
 
 class _MemoryDelivery:
-    def __init__(self, queue: _Queue, item: _Item, slot: asyncio.Semaphore) -> None:
-        self._queue, self._item, self._slot = queue, item, slot
+    def __init__(self, queue: _Queue, dead: _Queue, item: _Item, slot: asyncio.Semaphore) -> None:
+        self._queue, self._dead, self._item, self._slot = queue, dead, item, slot
         self.body = item.body
         self.redelivered = item.redelivered
         self._settled = False
@@ -29,8 +31,12 @@ class _MemoryDelivery:
 
     async def nack(self, requeue: bool = True) -> None:
         """See :meth:`server.broker.base.Broker.nack`."""
-        if self._settle() and requeue:
+        if not self._settle():
+            return
+        if requeue:
             self._queue.put(self._item.body, self._item.priority, redelivered=True)
+        else:
+            self._dead.put(self._item.body, self._item.priority)
 
     def _settle(self) -> bool:
         if self._settled:
@@ -66,11 +72,25 @@ class MemoryBroker:
     def _q(self, name: str) -> _Queue:
         return self._queues.setdefault(name, _Queue())
 
+    async def connect(self) -> None:
+        """See :meth:`server.broker.base.Broker.connect` (nothing to connect)."""
+        await self.check()
+
+    async def check(self) -> None:
+        """See :meth:`server.broker.base.Broker.check`; raises BrokerError once closed."""
+        if self._closed.is_set():
+            raise BrokerError("broker memory:// is closed")
+
     async def publish(self, queue: str, body: bytes, priority: int = 0) -> None:
         """See :meth:`server.broker.base.Broker.publish`."""
-        if self._closed.is_set():
-            raise ConnectionError("broker is closed")
+        await self.check()
         self._q(queue).put(body, priority)
+
+    async def publish_many(self, messages: Iterable[tuple[str, bytes, int]]) -> None:
+        """See :meth:`server.broker.base.Broker.publish_many`."""
+        await self.check()
+        for queue, body, priority in messages:
+            self._q(queue).put(body, priority)
 
     async def consume(self, queue: str, prefetch: int = 1) -> AsyncIterator[_MemoryDelivery]:
         """See :meth:`server.broker.base.Broker.consume`."""
@@ -89,7 +109,7 @@ class MemoryBroker:
             if not get.done() or get.cancelled():
                 slot.release()
                 return
-            delivery = _MemoryDelivery(q, get.result(), slot)
+            delivery = _MemoryDelivery(q, self._q(queue + ".dead"), get.result(), slot)
             try:
                 yield delivery
             except GeneratorExit:
@@ -99,6 +119,10 @@ class MemoryBroker:
     async def depth(self, queue: str) -> int:
         """See :meth:`server.broker.base.Broker.depth`."""
         return self._q(queue).items.qsize()
+
+    async def dead_letter_depth(self, queue: str) -> int:
+        """See :meth:`server.broker.base.Broker.dead_letter_depth`."""
+        return await self.depth(queue + ".dead")
 
     async def close(self) -> None:
         """See :meth:`server.broker.base.Broker.close`."""
