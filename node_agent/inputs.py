@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
 import stat
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
+from yarl import URL
 
 from protocol.messages import TaskSpec
 from server.model_manager.archive import extract_zip
@@ -52,7 +55,7 @@ class InputCache:
         folder = self.root / sha
         async with self._locks.setdefault(sha, asyncio.Lock()):
             if not (folder / "ready").exists():
-                await self._download(http, server_url + spec.model_url, spec, folder)
+                await self._download(http, server_url, spec, folder)
         files = (folder / "files").resolve()
         # A lone .blend is cached under one name, whatever it was uploaded as: the same
         # content may come under several names, and the cache is keyed by content.
@@ -62,14 +65,25 @@ class InputCache:
             raise InputError(f"main file {spec.model_main!r} is not inside the model")
         return main
 
-    async def _download(self, http: aiohttp.ClientSession, url: str, spec: TaskSpec, folder: Path) -> None:
+    async def _download(
+        self, http: aiohttp.ClientSession, server_url: str, spec: TaskSpec, folder: Path
+    ) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=self.root))
         try:
             raw = staging / "download"
             h = hashlib.sha256()
+            url, same_origin = input_url(server_url, spec.model_url)
             try:
-                async with http.get(url) as resp:
+                async with contextlib.AsyncExitStack() as stack:
+                    if not same_origin:
+                        # A presigned storage URL: the agent's own credentials stay with the
+                        # server (and S3 refuses a presigned request that also has an
+                        # Authorization header).
+                        http = await stack.enter_async_context(
+                            aiohttp.ClientSession(timeout=http.timeout, trust_env=False)
+                        )
+                    resp = await stack.enter_async_context(http.get(url))
                     if resp.status != 200:
                         raise InputError(f"download of the model failed: HTTP {resp.status}")
                     with open(raw, "wb") as fh:
@@ -77,7 +91,7 @@ class InputCache:
                             h.update(chunk)
                             fh.write(chunk)
             except aiohttp.ClientError as exc:
-                raise InputError(f"download of the model failed: {exc}") from exc
+                raise InputError(f"download of the model failed: {type(exc).__name__}: {exc}") from exc
             if h.hexdigest() != spec.model_sha256:
                 raise InputError("downloaded model does not match its SHA-256")
             files = staging / "files"
@@ -95,6 +109,22 @@ class InputCache:
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, staging, True)
             raise
+
+
+def input_url(server_url: str, url: str) -> tuple[URL, bool]:
+    """Where to download an input the server named by ``url``, and whether that is the server itself.
+
+    A relative URL (``/files/...``, local storage) is appended to ``server_url``; an
+    absolute one (a presigned S3 URL) is used byte for byte, since re-quoting it could
+    break its signature.
+
+    Returns:
+        (the URL, whether it has the server's scheme, host and port).
+    """
+    if urlsplit(url).scheme in ("http", "https"):
+        full = URL(url, encoded=True)
+        return full, full.origin() == URL(server_url).origin()
+    return URL(server_url.rstrip("/") + url), True
 
 
 def _make_read_only(root: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -20,6 +21,9 @@ from server.context import FarmContext
 from server.errors import ApiError, not_found
 from server.model_manager import ModelRejected, ingest
 from server.persistence.tables import Model, new_id
+from server.storage import StorageUnavailableError
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 
@@ -122,7 +126,11 @@ async def upload_model(request: web.Request) -> web.Response:
                 dep["resolved"] = dep.get("path")
         safe_name = meta.get("filename") or "model.blend"
         key = f"models/{model_id}/{'package.zip' if info.kind == 'zip' else _key_name(safe_name)}"
-        await ctx.storage.put_file(key, raw)
+        try:
+            await ctx.storage.put_file(key, raw)
+        except StorageUnavailableError as exc:
+            log.error("model upload not stored: %s", exc)
+            raise ApiError(503, "storage is unavailable; the upload was not kept, try again later") from None
         row = Model(
             id=model_id,
             filename=safe_name,

@@ -1,12 +1,18 @@
-"""``/api/jobs/{job_id}/outputs``: stored frames, one by one or as a zip; ``/files/``: signed downloads."""
+"""``/api/jobs/{job_id}/outputs``: stored frames, one by one or as a zip; ``/files/``: signed downloads.
+
+With a storage that has local files (``file://``) a frame is served from its file; with
+one that has none (S3) ``/api/jobs/{id}/outputs/{frame}`` answers 302 with a short-lived
+presigned URL, and the zip streams the objects from storage into the response.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
+import contextlib
+import io
+import logging
 import zipfile
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from sqlalchemy import select
@@ -17,7 +23,17 @@ from server.api.schemas import OutputFrame, OutputList
 from server.context import FarmContext
 from server.errors import ApiError, not_found
 from server.persistence.tables import Frame, Job
-from server.storage.base import StorageKeyError
+from server.storage.base import (
+    ObjectNotFoundError,
+    StorageKeyError,
+    StorageUnavailableError,
+    download_name,
+)
+
+log = logging.getLogger(__name__)
+
+REDIRECT_TTL_S = 300
+"""Longest life of the presigned URL a frame download is redirected to, in seconds."""
 
 
 async def _job_frames(ctx: FarmContext, job_id: str) -> tuple[Job, list[Frame]]:
@@ -68,38 +84,95 @@ async def list_outputs(request: web.Request) -> web.Response:
     response_content="application/zip",
 )
 async def outputs_zip(request: web.Request) -> web.StreamResponse:
-    """Built in a temp file (stored, not deflated: PNG/EXR/JPEG are compressed already)."""
+    """Streamed as it is read from storage (entries stored, not deflated: PNG/EXR/JPEG are
+    compressed already; sizes and CRCs follow each entry, so no temp file is needed)."""
     ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
     job, frames = await _job_frames(ctx, request.match_info["job_id"])
     if not frames:
         raise ApiError(404, f"job {job.id} has no stored frames yet", "job_id")
-    paths = [(f.filename, ctx.storage.local_path(f.storage_key)) for f in frames]
-    fd, tmp = tempfile.mkstemp(suffix=".zip", dir=ctx.settings.tmp_dir)
-    os.close(fd)
-
-    def build() -> None:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
-            for name, path in paths:
-                if path is not None:
-                    zf.write(path, name)
-
+    # Open the first object before answering, so a storage that cannot be read is a
+    # clean error rather than a cut-off zip.
     try:
-        await asyncio.to_thread(build)
-        resp = web.StreamResponse(
-            headers={
-                "Content-Type": "application/zip",
-                "Content-Disposition": f'attachment; filename="job-{job.id}.zip"',
-                "Content-Length": str(os.path.getsize(tmp)),
-            }
-        )
+        first = await ctx.storage.open_read(frames[0].storage_key)
+    except ObjectNotFoundError:
+        raise ApiError(404, f"frame {frames[0].frame} of job {job.id} is missing from storage") from None
+    except StorageUnavailableError as exc:
+        log.error("zip of job %s: %s", job.id, exc)
+        raise ApiError(503, "storage is unavailable; try again later") from None
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "application/zip",
+            "Content-Disposition": f'attachment; filename="job-{job.id}.zip"',
+        }
+    )
+    sink = _ZipSink()
+    async with contextlib.aclosing(first):
         await resp.prepare(request)
-        with open(tmp, "rb") as fh:
-            while chunk := await asyncio.to_thread(fh.read, 1 << 20):
-                await resp.write(chunk)
+        try:
+            await _write_zip(resp, sink, ctx, job, frames, first)
+        except (ConnectionError, asyncio.CancelledError):
+            raise  # the client went away
+        except Exception:
+            # Too late for an error status: cut the connection so the client sees a
+            # failed download rather than a complete-looking, truncated zip.
+            log.exception("zip of job %s failed while streaming", job.id)
+            if request.transport is not None:
+                request.transport.abort()
+            return resp
         await resp.write_eof()
-        return resp
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    return resp
+
+
+async def _write_zip(
+    resp: web.StreamResponse,
+    sink: _ZipSink,
+    ctx: FarmContext,
+    job: Job,
+    frames: list[Frame],
+    first: AsyncIterator[bytes],
+) -> None:
+    """Write the zip of ``frames`` into ``resp`` (the first one already opened as ``first``)."""
+    with zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for i, f in enumerate(frames):
+            try:
+                chunks = first if i == 0 else await ctx.storage.open_read(f.storage_key)
+            except ObjectNotFoundError:  # deleted since listed: leave it out, keep the others
+                log.warning("frame %s of job %s is missing from storage", f.frame, job.id)
+                continue
+            info = zipfile.ZipInfo(download_name(f.filename), date_time=f.created_at.timetuple()[:6])
+            info.compress_type = zipfile.ZIP_STORED
+            info.file_size = f.size_bytes
+            async with contextlib.aclosing(chunks):
+                with zf.open(info, "w") as entry:
+                    async for chunk in chunks:
+                        entry.write(chunk)
+                        await resp.write(sink.take())
+            await resp.write(sink.take())
+    await resp.write(sink.take())
+
+
+class _ZipSink(io.RawIOBase):
+    """A write-only, unseekable file that collects what ``zipfile`` writes until taken."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: bytes) -> int:  # type: ignore[override]
+        self._buf += b
+        self._pos += len(b)
+        return len(b)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def take(self) -> bytes:
+        out = bytes(self._buf)
+        self._buf.clear()
+        return out
 
 
 @route(
@@ -108,9 +181,14 @@ async def outputs_zip(request: web.Request) -> web.StreamResponse:
     permission="output:read",
     summary="One stored frame (the image file)",
     response_content="application/octet-stream",
+    also={302: "storage without local files (S3): redirect to a presigned URL valid for 5 minutes"},
 )
 async def get_output(request: web.Request) -> web.StreamResponse:
-    """The image of one frame; 404 when it is not stored (yet)."""
+    """The image of one frame; 404 when it is not stored (yet).
+
+    Served from the file with local storage; with S3 a 302 to a presigned URL, so the
+    bytes go from the store to the client directly.
+    """
     ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
     job_id, raw = request.match_info["job_id"], request.match_info["frame"]
     frame = parse_frame_param(raw)
@@ -120,6 +198,9 @@ async def get_output(request: web.Request) -> web.StreamResponse:
         f = await s.scalar(select(Frame).where(Frame.job_id == job_id, Frame.frame == frame))
     if f is None:
         raise ApiError(404, f"frame {frame} of job {job_id} is not stored", "frame")
+    if ctx.storage.local_path(f.storage_key) is None:  # no local file (S3): send the client there
+        ttl = min(ctx.settings.download_url_ttl_s, REDIRECT_TTL_S)
+        raise web.HTTPFound(ctx.storage.signed_url(f.storage_key, ttl, f.filename))
     return _file_response(ctx, f.storage_key, f.filename)
 
 
@@ -127,7 +208,7 @@ def _file_response(ctx: FarmContext, key: str, filename: str) -> web.FileRespons
     path = ctx.storage.local_path(key)
     if path is None or not path.is_file():
         raise ApiError(404, "object not found in storage")
-    safe = "".join(c for c in filename if c.isalnum() or c in "._-") or "download"
+    safe = download_name(filename)
     return web.FileResponse(path, headers={"Content-Disposition": f'attachment; filename="{safe}"'})
 
 

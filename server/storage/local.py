@@ -7,11 +7,19 @@ import hashlib
 import hmac
 import os
 import shutil
+import stat
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
-from server.storage.base import check_key
+from server.storage.base import (
+    READ_CHUNK,
+    ChunkReader,
+    ObjectNotFoundError,
+    StorageUnavailableError,
+    check_key,
+)
 
 
 class LocalStorage:
@@ -41,9 +49,39 @@ class LocalStorage:
         """See :meth:`server.storage.base.Storage.delete`."""
         self._path(key).unlink(missing_ok=True)
 
+    async def size(self, key: str) -> int | None:
+        """See :meth:`server.storage.base.Storage.size`."""
+        path = self._path(key)
+        try:
+            st = path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+
     def local_path(self, key: str) -> Path | None:
         """See :meth:`server.storage.base.Storage.local_path`."""
         return self._path(key)
+
+    async def open_read(self, key: str, chunk_size: int = READ_CHUNK) -> AsyncIterator[bytes]:
+        """See :meth:`server.storage.base.Storage.open_read`."""
+        path = self._path(key)
+        try:
+            fh = await asyncio.to_thread(open, path, "rb")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ObjectNotFoundError(f"object {key!r} is not in storage") from None
+        return ChunkReader(fh.read, fh.close, chunk_size)
+
+    async def check(self) -> None:
+        """See :meth:`server.storage.base.Storage.check`: the root folder must be writable."""
+        probe = self.root / f".check.{os.getpid()}.{time.monotonic_ns()}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise StorageUnavailableError(
+                f"storage folder {self.root} is not writable: {exc.strerror or exc}"
+            ) from None
 
     def signed_url(self, key: str, ttl_s: int, filename: str | None = None) -> str:
         """See :meth:`server.storage.base.Storage.signed_url`."""
