@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import yarl
 
 FINISHED = ("completed", "failed", "canceled")
 
@@ -212,7 +213,12 @@ class FarmClient:
             tmp = dest / f".{name}.part"
             h = hashlib.sha256()
             try:
-                async with self.http.get(self.server + f["url"]) as resp:
+                url = f["url"]
+                if url.startswith("/"):
+                    req = self.http.get(self.server + url)
+                else:  # a presigned object-store link: used exactly as signed, with no credentials of ours
+                    req = self.http.get(yarl.URL(url, encoded=True))
+                async with req as resp:
                     if resp.status != 200:
                         raise ClientError(
                             f"download of frame {f['frame']} failed: HTTP {resp.status}", resp.status

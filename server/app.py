@@ -11,6 +11,7 @@ from server.api import metrics as _metrics_routes  # noqa: F401  (GET /metrics)
 from server.api.middleware import CTX, errors_middleware, origin_middleware, permission_middleware
 from server.api.registry import add_routes
 from server.context import FarmContext
+from server.metrics import metrics_for
 from server.scheduler import Scheduler
 from server.scheduler.dispatcher import forget_dispatches
 from server.scheduler.reconciler import reconcile_cache
@@ -31,6 +32,7 @@ def create_app(ctx: FarmContext, *, run_scheduler: bool = True) -> web.Applicati
         client_max_size=ctx.settings.limits.max_upload_bytes,
     )
     app[CTX] = ctx
+    metrics_for(ctx)  # recorded from the first request on, not from the first scrape
     add_routes(app)
 
     async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]

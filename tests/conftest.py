@@ -6,12 +6,14 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cli.client import FarmClient
 from cli.farm import RunningFarm, free_port, make_sample_scene, running_farm
 from server.config import Settings
+from tests.s3server import s3_endpoint  # noqa: F401  (a session fixture: moto's S3 server, started on demand)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -43,18 +45,27 @@ class Farm:
         self.settings = running.ctx.settings
 
 
-def farm_settings(data_dir: Path, **kw: object) -> Settings:
-    """Settings for tests: quick heartbeats and lease checks."""
+def farm_settings(data_dir: Path, backends: dict[str, Any] | None = None, **kw: object) -> Settings:
+    """Settings for tests: quick heartbeats and lease checks, on ``backends`` (default: embedded)."""
     kw.setdefault("heartbeat_s", 0.5)
-    return Settings(data_dir=data_dir, **kw)  # type: ignore[arg-type]
+    return Settings(data_dir=data_dir, **(backends or {}), **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture
-async def farm(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Farm]:
+def backends() -> dict[str, Any]:
+    """The backend URLs of the farm fixtures: the embedded defaults. Test modules that run on
+    both the embedded and the production backends override this fixture (see ``tests/test_e2e.py``)."""
+    return {}
+
+
+@pytest.fixture
+async def farm(
+    tmp_path: Path, request: pytest.FixtureRequest, backends: dict[str, Any]
+) -> AsyncIterator[Farm]:
     """A farm with one local agent (``@pytest.mark.agents(0)`` for none) in ``tmp_path/farm``."""
     marker = request.node.get_closest_marker("agents")
     agents = marker.args[0] if marker else 1
-    settings = farm_settings(tmp_path / "farm")
+    settings = farm_settings(tmp_path / "farm", backends)
     async with running_farm(settings, port=free_port(), agents=agents) as running:
         async with FarmClient(running.url) as client:
             yield Farm(running, client)

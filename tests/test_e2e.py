@@ -1,4 +1,8 @@
-"""End to end with real Blender: the CLI against `renderfarm up`, and cancel during a render."""
+"""End to end with real Blender: the CLI against `renderfarm up`, and cancel during a render.
+
+Every test runs twice: on the embedded backends (SQLite, in-process queue and cache, a
+folder) and on the production ones (MariaDB, RabbitMQ, Redis, S3 through moto's server).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from PIL import Image
 from cli.client import FarmClient
 from cli.farm import free_port, running_farm
 from tests.conftest import Farm, blender_pids, farm_settings
+from tests.production import backend_env, production_backends
 
 pytestmark = pytest.mark.blender
 RENDERFARM = [str(Path(sys.executable).with_name("renderfarm"))]  # the installed console script
@@ -25,8 +30,18 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*RENDERFARM, *args], capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.fixture(params=["embedded", "production"])
+def backends(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """Both sets of backends (overrides the embedded-only fixture of conftest)."""
+    if request.param == "embedded":
+        yield {}
+        return
+    with production_backends(request) as urls:
+        yield urls
+
+
 @pytest.fixture
-def farm_process(tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+def farm_process(tmp_path: Path, request: pytest.FixtureRequest, backends: dict):  # type: ignore[no-untyped-def]
     """`renderfarm up` as a separate process on a free port; stopped with SIGTERM.
 
     ``@pytest.mark.up_args(...)`` adds options to ``renderfarm up``.
@@ -36,6 +51,7 @@ def farm_process(tmp_path: Path, request: pytest.FixtureRequest):  # type: ignor
     extra = list(marker.args) if marker else []
     proc = subprocess.Popen(
         [*RENDERFARM, "up", "--port", str(port), "--data-dir", str(tmp_path / "farm"), *extra],
+        env=backend_env(backends),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -168,11 +184,11 @@ async def test_cancel_stops_blender_within_5_s_and_leaves_no_process(farm: Farm,
 
 
 async def test_a_restarted_farm_finishes_queued_and_orphaned_tasks(
-    tmp_path: Path, sample_blend: Path
+    tmp_path: Path, sample_blend: Path, backends: dict
 ) -> None:
     """Stopping the embedded farm loses its in-process queue; the database brings the work back."""
     data = tmp_path / "farm"
-    async with running_farm(farm_settings(data, lease_s=2), port=free_port(), agents=0) as first:
+    async with running_farm(farm_settings(data, backends, lease_s=2), port=free_port(), agents=0) as first:
         async with FarmClient(first.url) as c:
             model = await c.upload_model(sample_blend)
             job = await c.create_job(
@@ -186,7 +202,7 @@ async def test_a_restarted_farm_finishes_queued_and_orphaned_tasks(
                 headers={"Authorization": f"Bearer {first.ctx.agent_token}"},
             ) as r:
                 assert r.status == 200
-    async with running_farm(farm_settings(data, lease_s=2), port=free_port(), agents=1) as second:
+    async with running_farm(farm_settings(data, backends, lease_s=2), port=free_port(), agents=1) as second:
         async with FarmClient(second.url) as c:
             final = await asyncio.wait_for(c.wait(job["id"], poll_s=0.2), 120)
             assert final["state"] == "completed" and final["frames_done"] == 2
@@ -194,11 +210,14 @@ async def test_a_restarted_farm_finishes_queued_and_orphaned_tasks(
             assert tasks[0]["attempts"] == 2 and tasks[1]["attempts"] == 1
 
 
-def test_killing_the_farm_leaves_no_blender_behind(tmp_path: Path, sample_blend: Path) -> None:
+def test_killing_the_farm_leaves_no_blender_behind(
+    tmp_path: Path, sample_blend: Path, backends: dict
+) -> None:
     port = free_port()
     data = tmp_path / "farm"
     proc = subprocess.Popen(
         [*RENDERFARM, "up", "--port", str(port), "--data-dir", str(data)],
+        env=backend_env(backends),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -224,9 +243,11 @@ def test_killing_the_farm_leaves_no_blender_behind(tmp_path: Path, sample_blend:
     assert blender_pids(data) == []
 
 
-async def test_a_clean_stop_hands_the_running_task_back(tmp_path: Path, sample_blend: Path) -> None:
+async def test_a_clean_stop_hands_the_running_task_back(
+    tmp_path: Path, sample_blend: Path, backends: dict
+) -> None:
     data = tmp_path / "farm"
-    async with running_farm(farm_settings(data), port=free_port(), agents=1) as farm:
+    async with running_farm(farm_settings(data, backends), port=free_port(), agents=1) as farm:
         async with FarmClient(farm.url) as c:
             model = await c.upload_model(sample_blend)
             job = await c.create_job(model_id=model["id"], frames="1", samples=1_000_000)
@@ -236,14 +257,14 @@ async def test_a_clean_stop_hands_the_running_task_back(tmp_path: Path, sample_b
                 await asyncio.sleep(0.1)
             assert blender_pids(data), "Blender never started"
     assert blender_pids(data) == []
-    async with running_farm(farm_settings(data), port=free_port(), agents=0) as farm:
+    async with running_farm(farm_settings(data, backends), port=free_port(), agents=0) as farm:
         async with FarmClient(farm.url) as c:
             [task] = await c.tasks(job["id"])
             assert task["state"] == "queued" and task["attempts"] == 0
             assert "released" in task["message"]
             # and a second farm on the same data dir is refused
             with pytest.raises(ValueError, match="in use by another renderfarm"):
-                async with running_farm(farm_settings(data), port=free_port(), agents=0):
+                async with running_farm(farm_settings(data, backends), port=free_port(), agents=0):
                     pass
 
 

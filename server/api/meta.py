@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
@@ -16,7 +17,11 @@ from server.context import FarmContext
 
 @route("GET", "/healthz", permission="public", summary="Liveness and the state of each backend")
 async def healthz(request: web.Request) -> web.Response:
-    """200 when the database answers, 503 otherwise."""
+    """200 while the database answers (``status`` is ``degraded`` when the broker or the cache
+    does not: jobs are still accepted and status reads fall back to the database); 503 otherwise.
+
+    The body names each backend's state but never its URL or an error's text (it is public).
+    """
     ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
     checks: dict[str, Any] = {}
     try:
@@ -26,12 +31,21 @@ async def healthz(request: web.Request) -> web.Response:
     except Exception as exc:
         checks["database"] = f"error: {type(exc).__name__}"
     try:
-        checks["queue_depth"] = await ctx.broker.depth(TASK_QUEUE)
+        checks["queue_depth"] = await asyncio.wait_for(ctx.broker.depth(TASK_QUEUE), 2)
         checks["broker"] = "ok"
     except Exception as exc:
         checks["broker"] = f"error: {type(exc).__name__}"
-    ok = checks["database"] == "ok" and checks["broker"] == "ok"
-    return web.json_response({"status": "ok" if ok else "degraded", **checks}, status=200 if ok else 503)
+    if getattr(ctx.cache, "degraded", False):
+        checks["cache"] = "degraded: status reads come from the database"
+    else:
+        checks["cache"] = "ok"
+    if checks["database"] != "ok":
+        status, code = "down", 503
+    elif checks["broker"] != "ok" or checks["cache"] != "ok":
+        status, code = "degraded", 200
+    else:
+        status, code = "ok", 200
+    return web.json_response({"status": status, **checks}, status=code)
 
 
 @route("GET", "/api/openapi.json", permission="public", summary="This API described as OpenAPI 3.1")

@@ -10,9 +10,12 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
+from sqlalchemy.exc import OperationalError
 
 from protocol.frames import MAX_FRAME, MIN_FRAME
+from server.broker import BrokerError
 from server.errors import ApiError
+from server.storage import StorageUnavailableError
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -35,6 +38,9 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
         if exc.status < 400:
             raise
         return error_response(ApiError(exc.status, exc.reason or "error"))
+    except (StorageUnavailableError, BrokerError, OperationalError) as exc:
+        log.warning("backend unavailable on %s %s: %s", request.method, request.path, exc)
+        return error_response(ApiError(503, "a backend of the farm is unavailable; retry shortly"))
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(ApiError(500, "internal server error; see the server log"))

@@ -356,7 +356,7 @@ async def claim_task(ctx: FarmContext, task_id: str, agent: str) -> TaskSpec:
         )
         await s.commit()
     if task.dispatched_at is not None:
-        ctx.observe("dispatch_latency", (now - task.dispatched_at).total_seconds())
+        ctx.observe("dispatch_latency", (now - task.dispatched_at).total_seconds(), pool=task.pool)
     ctx.dispatch_ready.set()  # a slot of the dispatch window is free
     await status_of(ctx).tasks([task])
     await publish_job(ctx, task.job_id, now=changed)
@@ -537,7 +537,7 @@ async def finish_task(ctx: FarmContext, task_id: str, result: TaskResult) -> dic
         await s.execute(update(Agent).where(Agent.current_task_id == task_id).values(current_task_id=None))
         await s.commit()
         out = {"task_id": task_id, "state": state, "message": message}
-    ctx.observe("task_finished", result.render_seconds, state=state, frames=len(stored))
+    ctx.observe("task_finished", result.render_seconds, state=state, frames=len(stored), pool=task.pool)
     await status_of(ctx).tasks([task])
     await publish_job(ctx, task.job_id, now=changed)
     return out
