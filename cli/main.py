@@ -516,3 +516,8 @@ def demo(workdir: Path, frames: str, chunk: int, agents: int, blender: str | Non
     if code == 0:
         click.echo(f"frames: {(workdir / 'frames').resolve()}")
     sys.exit(code)
+
+
+from cli.db_cmd import db as _db_group  # noqa: E402  (renderfarm db upgrade|current)
+
+main.add_command(_db_group)

@@ -27,6 +27,7 @@ from server.context import FarmContext
 from server.errors import ApiError, not_found
 from server.jobs import task_state_machine as sm
 from server.jobs.status import StatusPublisher
+from server.persistence.retry import retry_on_disconnect
 from server.persistence.tables import (
     DEFAULT_POOL,
     Agent,
@@ -49,6 +50,7 @@ IMAGE_MAGIC = {".png": b"\x89PNG\r\n\x1a\n", ".jpg": b"\xff\xd8\xff", ".exr": b"
 # ---------------------------------------------------------------- jobs
 
 
+@retry_on_disconnect
 async def create_job(ctx: FarmContext, req: dict[str, Any]) -> Job:
     """Validate a job request, then write the job, its tasks and their outbox rows in one transaction.
 
@@ -181,6 +183,7 @@ def outbox_for(task: Task, job: Job) -> OutboxMessage:
     return OutboxMessage(queue=queue_for_pool(task.pool), payload=msg.to_dict(), priority=job.priority)
 
 
+@retry_on_disconnect
 async def cancel_job(ctx: FarmContext, job_id: str) -> Job:
     """Cancel a job: queued and running tasks become canceled; running agents stop at their next heartbeat.
 
@@ -209,6 +212,7 @@ async def cancel_job(ctx: FarmContext, job_id: str) -> Job:
     return job
 
 
+@retry_on_disconnect
 async def job_summary(ctx: FarmContext, job_id: str, session: AsyncSession | None = None) -> dict[str, Any]:
     """The job's status as served by the API: state, task counts by state, frames stored, progress %.
 
@@ -317,6 +321,7 @@ async def _refresh_job_state(s: AsyncSession, job: Job) -> bool:
 # ---------------------------------------------------------------- agent side
 
 
+@retry_on_disconnect
 async def claim_task(ctx: FarmContext, task_id: str, agent: str) -> TaskSpec:
     """Lease a queued task to ``agent`` and return what it needs to render it.
 
@@ -389,6 +394,7 @@ async def _leased_task(s: AsyncSession, task_id: str, lease_id: str) -> Task:
     return task
 
 
+@retry_on_disconnect
 async def heartbeat(
     ctx: FarmContext, task_id: str, lease_id: str, current_frame: int | None
 ) -> dict[str, Any]:
@@ -500,6 +506,7 @@ def _frame_dict(f: Frame) -> dict[str, Any]:
     return {"frame": f.frame, "filename": f.filename, "size_bytes": f.size_bytes, "sha256": f.sha256}
 
 
+@retry_on_disconnect
 async def finish_task(ctx: FarmContext, task_id: str, result: TaskResult) -> dict[str, Any]:
     """Record the end of an attempt.
 
@@ -543,6 +550,7 @@ async def finish_task(ctx: FarmContext, task_id: str, result: TaskResult) -> dic
     return out
 
 
+@retry_on_disconnect
 async def release_task(ctx: FarmContext, task_id: str, lease_id: str) -> dict[str, Any]:
     """An agent that stops (shut down, not crashed) hands its task back: queued again, attempt not counted.
 
@@ -565,6 +573,7 @@ async def release_task(ctx: FarmContext, task_id: str, lease_id: str) -> dict[st
     return {"task_id": task_id, "state": sm.QUEUED}
 
 
+@retry_on_disconnect
 async def requeue_expired(ctx: FarmContext) -> int:
     """Requeue running tasks whose lease expired (agent lost); fail them after ``max_attempts``.
 

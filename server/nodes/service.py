@@ -18,6 +18,7 @@ from sqlalchemy import select
 from protocol.messages import queue_for_pool
 from server.context import FarmContext
 from server.errors import ApiError
+from server.persistence.retry import retry_on_disconnect
 from server.persistence.tables import Agent, new_id, utcnow
 
 
@@ -47,6 +48,7 @@ def agent_broker_url(ctx: FarmContext) -> str | None:
     return None if urlsplit(url).scheme == "memory" else url
 
 
+@retry_on_disconnect
 async def register(
     ctx: FarmContext, name: str, pool: str, capabilities: dict[str, Any], version: str
 ) -> dict[str, Any]:
@@ -77,6 +79,7 @@ async def register(
     }
 
 
+@retry_on_disconnect
 async def beat(ctx: FarmContext, name: str, stopping: bool = False) -> dict[str, Any]:
     """Record that the agent is alive (or, with ``stopping``, that it went offline cleanly).
 
@@ -93,6 +96,7 @@ async def beat(ctx: FarmContext, name: str, stopping: bool = False) -> dict[str,
         return agent_dict(agent, online_after(ctx))
 
 
+@retry_on_disconnect
 async def list_agents(ctx: FarmContext) -> list[dict[str, Any]]:
     """Every registered agent, online ones first, then by name."""
     since = online_after(ctx)
@@ -100,5 +104,3 @@ async def list_agents(ctx: FarmContext) -> list[dict[str, Any]]:
         rows = (await s.scalars(select(Agent).order_by(Agent.name))).all()
     out = [agent_dict(a, since) for a in rows]
     return sorted(out, key=lambda a: (not a["online"], a["name"]))
-
-

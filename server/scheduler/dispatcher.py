@@ -21,12 +21,14 @@ from sqlalchemy import func, or_, select, update
 from server.context import FarmContext
 from server.jobs import task_state_machine as sm
 from server.jobs.service import outbox_for
+from server.persistence.retry import retry_on_disconnect
 from server.persistence.tables import Agent, Job, OutboxMessage, Task, utcnow
 
 MIN_WINDOW = 4
 """Smallest automatic window per pool (tasks in the broker not yet claimed)."""
 
 
+@retry_on_disconnect
 async def online_agents(ctx: FarmContext) -> dict[str, int]:
     """Agents heartbeating now, by pool (online: seen within ``max(3 * heartbeat_s, 15)`` seconds)."""
     since = utcnow() - timedelta(seconds=max(3 * ctx.settings.heartbeat_s, 15.0))
@@ -39,6 +41,7 @@ async def online_agents(ctx: FarmContext) -> dict[str, int]:
         return {pool: n for pool, n in rows.all()}
 
 
+@retry_on_disconnect
 async def dispatch_once(ctx: FarmContext) -> int:
     """Fill every pool's window once; returns how many tasks were dispatched.
 
@@ -115,7 +118,9 @@ async def _choose(s, jobs: list[Job], free: int, share: dict[str, int]) -> list[
         i += len(same)
         pending: dict[str, list[tuple[Task, Job]]] = defaultdict(list)
         for job in same:  # oldest first within an owner
-            need = free - len(chosen)
+            need = free - len(chosen) - len(pending[job.owner])
+            if need <= 0:  # this owner already has more candidates than there are slots
+                continue
             tasks = (
                 await s.scalars(
                     select(Task)
@@ -137,6 +142,7 @@ async def _choose(s, jobs: list[Job], free: int, share: dict[str, int]) -> list[
     return chosen
 
 
+@retry_on_disconnect
 async def forget_dispatches(ctx: FarmContext) -> int:
     """After a restart with a broker that keeps nothing (``memory://``): every queued task is
     dispatched again and unpublished outbox rows are dropped. Returns the tasks reset."""

@@ -26,11 +26,13 @@ from server.context import FarmContext
 from server.jobs import task_state_machine as sm
 from server.jobs.service import job_summary, status_of
 from server.jobs.status import task_status
+from server.persistence.retry import retry_on_disconnect
 from server.persistence.tables import Job, OutboxMessage, Task, utcnow
 
 log = logging.getLogger(__name__)
 
 
+@retry_on_disconnect
 async def reconcile_broker(ctx: FarmContext, grace_s: float = 30.0) -> int:
     """Hand back to the dispatcher tasks whose messages are missing from the broker; returns how many."""
     cutoff = utcnow() - timedelta(seconds=grace_s)
