@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import math
 import os
+import re
 import secrets
 import tomllib
 from collections.abc import Mapping
@@ -159,33 +161,70 @@ SECRET_FIELDS = frozenset({"agent_token", "signing_key"})
 _LOADABLE = {f.name: f.type for f in dataclasses.fields(Settings) if f.name not in ("limits",)}
 
 
+_SECRET_PARAM = re.compile(
+    r"(^|&)([^=&]*(?:password|passwd|secret|token|key|credential|sig)[^=&]*)=[^&]*", re.IGNORECASE
+)
+
+
 def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (for messages and logs)."""
+    """``url`` with its password, and the values of query parameters named like secrets
+    (``password``, ``token``, ``secret_key``...), replaced by ``***`` (for messages and logs).
+    The rest is kept as it was; an unparsable URL becomes ``<unparsable URL>``."""
     try:
         parts = urlsplit(url)
+        password = parts.password
     except ValueError:
         return "<unparsable URL>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    out = url
+    if password is not None:
+        host = parts.netloc.rsplit("@", 1)[1]
+        out = urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    if parts.query:
+        head, mark, rest = out.partition("?")
+        query, hash_, fragment = rest.partition("#")
+        out = head + mark + _SECRET_PARAM.sub(r"\1\2=***", query) + hash_ + fragment
+    return out
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
 
 
 def _convert(name: str, value: Any) -> Any:
-    kind = str(_LOADABLE[name])
-    try:
-        if kind in ("float", "'float'"):
-            return float(value)
-        if kind in ("int", "'int'"):
-            return int(value)
-        if kind in ("bool", "'bool'"):
-            if isinstance(value, bool):
-                return value
-            return str(value).strip().lower() in ("1", "true", "yes", "on")
-    except (TypeError, ValueError):
-        raise ValueError(f"setting {name} must be a {kind.strip(chr(39))}, not {value!r}") from None
-    return None if value is None else str(value)
+    """``value`` (from TOML or an environment variable) as the type of setting ``name``.
+
+    Raises:
+        ValueError: naming the setting when the value is not of its type: a boolean is
+            true/false (or 1/0, yes/no, on/off), an integer has no fraction, a number is
+            finite and not negative, a text setting is a string.
+    """
+    kind = str(_LOADABLE[name]).strip("'")
+    text = value.strip() if isinstance(value, str) else None
+    shown = "a hidden value" if name in SECRET_FIELDS else repr(value)
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if text is not None and text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        raise ValueError(f"setting {name} must be true or false, not {shown}")
+    if kind in ("int", "float"):
+        number: float | int | None = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = value
+        elif text:
+            try:
+                number = int(text) if kind == "int" else float(text)
+            except ValueError:
+                number = None
+        if kind == "int" and isinstance(number, float):
+            number = None
+        if number is None or not math.isfinite(number) or number < 0:
+            what = "a whole number" if kind == "int" else "a number"
+            raise ValueError(f"setting {name} must be {what} of 0 or more, not {shown}")
+        return int(number) if kind == "int" else float(number)
+    if not isinstance(value, str):
+        raise ValueError(f"setting {name} must be a string, not {shown}")
+    return value
 
 
 def load_settings(

@@ -1,13 +1,15 @@
 """One scheduler at a time: several server processes may serve the API, one of them schedules.
 
-On MySQL/MariaDB the leader holds the named lock ``renderfarm.scheduler``
-(``GET_LOCK``) on a connection of its own; the server lets it go when that
+On MySQL/MariaDB the leader holds the named lock ``renderfarm.scheduler.<database>``
+(``GET_LOCK``) on a connection of its own (lock names are server-wide, so the database's
+name is part of it: two farms on one server each have their own scheduler); the server lets it go when that
 connection ends, so a SIGKILLed leader is replaced at once. On SQLite only one
 process uses the database (the data folder is locked), so it always leads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 from sqlalchemy import text
@@ -17,6 +19,16 @@ from server.persistence import Database
 
 log = logging.getLogger(__name__)
 LOCK_NAME = "renderfarm.scheduler"
+"""Prefix of the scheduler lock's name; :func:`lock_name` adds the database."""
+
+
+def lock_name(db: Database) -> str:
+    """The scheduler lock's name for ``db``: ``renderfarm.scheduler.<database>``, at most 64
+    characters (MySQL's limit; a longer database name is replaced by its SHA-256 prefix)."""
+    name = f"{LOCK_NAME}.{db.url.database or ''}"
+    if len(name) > 64:
+        name = f"{LOCK_NAME}.{hashlib.sha256((db.url.database or '').encode()).hexdigest()[:40]}"
+    return name
 
 
 class LeaderLock:
@@ -29,6 +41,7 @@ class LeaderLock:
         self.db = db
         self._conn: AsyncConnection | None = None
         self._named = db.engine.dialect.name in ("mysql", "mariadb")
+        self.name = lock_name(db)
 
     async def acquire(self) -> bool:
         """Try to take the lock without waiting; returns whether this process now leads."""
@@ -37,7 +50,7 @@ class LeaderLock:
         if self._conn is None:
             self._conn = await self.db.engine.connect()
         try:
-            got = (await self._conn.execute(text("SELECT GET_LOCK(:n, 0)"), {"n": LOCK_NAME})).scalar()
+            got = (await self._conn.execute(text("SELECT GET_LOCK(:n, 0)"), {"n": self.name})).scalar()
         except Exception:
             await self._drop()
             raise
@@ -54,7 +67,7 @@ class LeaderLock:
             return False
         try:
             owner = (
-                await self._conn.execute(text("SELECT IS_USED_LOCK(:n) = CONNECTION_ID()"), {"n": LOCK_NAME})
+                await self._conn.execute(text("SELECT IS_USED_LOCK(:n) = CONNECTION_ID()"), {"n": self.name})
             ).scalar()
         except Exception as exc:
             log.warning("scheduler lock lost: %s", exc)
@@ -66,7 +79,7 @@ class LeaderLock:
         """Let the lock go (closing its connection)."""
         if self._conn is not None:
             try:
-                await self._conn.execute(text("SELECT RELEASE_LOCK(:n)"), {"n": LOCK_NAME})
+                await self._conn.execute(text("SELECT RELEASE_LOCK(:n)"), {"n": self.name})
             except Exception:
                 log.debug("release of the scheduler lock failed", exc_info=True)
             await self._drop()

@@ -1,0 +1,334 @@
+"""Agent registration and heartbeats over the API, the agent list, and the `renderfarm server` /
+`renderfarm agent` commands refusing unusable settings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from sqlalchemy import func, select, update
+
+from cli.farm import free_port
+from node_agent.agent import NodeAgent, ServerError
+from node_agent.executor.local import LocalExecutor
+from server.app import create_app
+from server.config import Settings
+from server.context import FarmContext
+from server.persistence.tables import Agent, utcnow
+from tests.conftest import farm_settings
+
+RENDERFARM = str(Path(sys.executable).with_name("renderfarm"))  # the venv's console script
+CAPS = {
+    "cpu_cores": 8,
+    "memory_bytes": 1 << 34,
+    "gpus": [],
+    "backends": ["CPU"],
+    "blender": "5.0.1",
+    "tags": ["a"],
+}
+
+
+@contextlib.asynccontextmanager
+async def served(settings: Settings) -> AsyncIterator[tuple[FarmContext, TestClient]]:
+    """The API app (no scheduler loops, no agents) on a loopback port."""
+    ctx = FarmContext.from_settings(settings)
+    async with TestClient(TestServer(create_app(ctx, run_scheduler=False))) as client:
+        yield ctx, client
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[tuple[FarmContext, TestClient]]:
+    async with served(farm_settings(tmp_path / "farm")) as pair:
+        yield pair
+
+
+async def _post(client: TestClient, path: str, token: str | None, body: dict[str, Any]) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    r = await client.post(path, json=body, headers=headers)
+    return r.status, await r.json()
+
+
+async def _agents(client: TestClient) -> dict[str, dict[str, Any]]:
+    r = await client.get("/api/agents")
+    assert r.status == 200
+    return {a["name"]: a for a in (await r.json())["agents"]}
+
+
+async def _seen_ago(ctx: FarmContext, name: str, seconds: float) -> None:
+    async with ctx.db.session() as s:
+        await s.execute(
+            update(Agent).where(Agent.name == name).values(last_seen_at=utcnow() - timedelta(seconds=seconds))
+        )
+        await s.commit()
+
+
+# ---------------------------------------------------------------- API
+
+
+async def test_register_then_listed_online_with_capabilities(api: tuple[FarmContext, TestClient]) -> None:
+    ctx, client = api
+    status, reg = await _post(
+        client,
+        "/api/agent/register",
+        ctx.agent_token,
+        {"name": "render-01.studio", "pool": "gpu", "capabilities": CAPS, "version": "0.3"},
+    )
+    assert status == 200, reg
+    assert reg["queue"] == "renderfarm.tasks.gpu"
+    assert reg["broker_url"] is None  # memory:// cannot be reached from another process
+    assert reg["heartbeat_s"] == ctx.settings.heartbeat_s and reg["lease_s"] == ctx.settings.lease_s
+    assert reg["agent"]["online"] is True
+    agents = await _agents(client)
+    assert list(agents) == ["render-01.studio"]
+    a = agents["render-01.studio"]
+    assert a["online"] is True and a["pool"] == "gpu" and a["version"] == "0.3"
+    assert a["capabilities"] == CAPS
+    assert a["id"] == reg["agent"]["id"] and a["current_task_id"] is None
+    assert a["last_seen_at"].endswith("Z")
+
+
+async def test_wrong_or_missing_token_is_401(api: tuple[FarmContext, TestClient]) -> None:
+    ctx, client = api
+    body = {"name": "n1", "pool": "default"}
+    for token in (None, "wrong", ctx.agent_token + "x"):
+        status, err = await _post(client, "/api/agent/register", token, body)
+        assert status == 401, token
+        assert "agent token" in err["error"]["message"]
+        status, _ = await _post(client, "/api/agent/heartbeat", token, {"name": "n1"})
+        assert status == 401
+    assert await _agents(client) == {}
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"name": "bad name!", "pool": "default"}, "name"),
+        ({"name": "", "pool": "default"}, "name"),
+        ({"name": "-leading-dash"}, "name"),
+        ({"name": "ok", "pool": "GPU Pool"}, "pool"),
+        ({"name": "ok", "pool": "x" * 65}, "pool"),
+        ({"name": "ok", "capabilities": {"cpu_cores": -1}}, "capabilities.cpu_cores"),
+        ({"name": "ok", "colour": "red"}, "colour"),
+    ],
+)
+async def test_invalid_registration_is_400_naming_the_field(
+    api: tuple[FarmContext, TestClient], body: dict[str, Any], field: str
+) -> None:
+    ctx, client = api
+    status, err = await _post(client, "/api/agent/register", ctx.agent_token, body)
+    assert status == 400, err
+    assert err["error"]["field"] == field
+    assert field in err["error"]["message"]
+    assert await _agents(client) == {}
+
+
+async def test_heartbeats_unknown_agent_stopping_and_staleness(api: tuple[FarmContext, TestClient]) -> None:
+    ctx, client = api
+    token = ctx.agent_token
+    status, err = await _post(client, "/api/agent/heartbeat", token, {"name": "ghost"})
+    assert status == 404 and err["error"]["field"] == "name" and "ghost" in err["error"]["message"]
+
+    await _post(client, "/api/agent/register", token, {"name": "n1"})
+    await _post(client, "/api/agent/register", token, {"name": "n2"})
+    status, beat = await _post(client, "/api/agent/heartbeat", token, {"name": "n1"})
+    assert status == 200 and beat["online"] is True and beat["name"] == "n1"
+
+    status, beat = await _post(client, "/api/agent/heartbeat", token, {"name": "n1", "stopping": True})
+    assert status == 200 and beat["online"] is False
+    agents = await _agents(client)
+    assert agents["n1"]["online"] is False and agents["n2"]["online"] is True
+    r = await client.get("/api/agents")
+    assert [a["name"] for a in (await r.json())["agents"]] == ["n2", "n1"]  # online ones first
+    status, beat = await _post(client, "/api/agent/heartbeat", token, {"name": "n1"})
+    assert beat["online"] is True  # a heartbeat brings it back
+
+    # online while the last heartbeat is younger than max(3 x heartbeat_s, 15) s
+    assert ctx.settings.heartbeat_s * 3 < 15
+    await _seen_ago(ctx, "n1", 10)
+    await _seen_ago(ctx, "n2", 16)
+    agents = await _agents(client)
+    assert agents["n1"]["online"] is True and agents["n2"]["online"] is False
+    ctx.settings.heartbeat_s = 10.0  # now 30 s
+    await _seen_ago(ctx, "n1", 31)
+    await _seen_ago(ctx, "n2", 20)
+    agents = await _agents(client)
+    assert agents["n1"]["online"] is False and agents["n2"]["online"] is True
+
+
+async def test_reregistering_reuses_the_row(api: tuple[FarmContext, TestClient]) -> None:
+    ctx, client = api
+    token = ctx.agent_token
+    _, first = await _post(
+        client, "/api/agent/register", token, {"name": "n1", "capabilities": {"cpu_cores": 2}}
+    )
+    await _post(client, "/api/agent/heartbeat", token, {"name": "n1", "stopping": True})
+    await asyncio.sleep(0.01)
+    status, again = await _post(
+        client, "/api/agent/register", token, {"name": "n1", "pool": "gpu", "capabilities": {"cpu_cores": 16}}
+    )
+    assert status == 200
+    assert again["agent"]["id"] == first["agent"]["id"]
+    assert again["agent"]["registered_at"] == first["agent"]["registered_at"]
+    assert again["agent"]["last_seen_at"] > first["agent"]["last_seen_at"]
+    assert again["agent"]["online"] is True and again["agent"]["pool"] == "gpu"
+    assert again["agent"]["capabilities"]["cpu_cores"] == 16
+    async with ctx.db.session() as s:
+        assert await s.scalar(select(func.count()).select_from(Agent)) == 1
+
+
+async def test_registration_names_the_networked_broker(tmp_path: Path) -> None:
+    amqp = "amqp://farm:s3cret@rabbit.internal:5672/render"
+    settings = farm_settings(tmp_path / "farm", broker_url=amqp)
+    async with served(settings) as (ctx, client):  # nothing connects to the broker here
+        status, reg = await _post(client, "/api/agent/register", ctx.agent_token, {"name": "n1"})
+        assert status == 200 and reg["broker_url"] == amqp and reg["queue"] == "renderfarm.tasks"
+        ctx.settings.agent_broker_url = "amqp://agent:other@10.0.0.5:5672/render"
+        status, reg = await _post(client, "/api/agent/register", ctx.agent_token, {"name": "n1"})
+        assert reg["broker_url"] == "amqp://agent:other@10.0.0.5:5672/render"
+        r = await client.get("/api/agents")
+        assert "s3cret" not in await r.text()  # the list never shows the broker's credentials
+
+
+async def test_node_agent_registers_heartbeats_and_goes_offline_when_stopped(
+    api: tuple[FarmContext, TestClient], tmp_path: Path
+) -> None:
+    ctx, client = api
+    url = str(client.make_url("")).rstrip("/")
+    agent = NodeAgent(
+        url,
+        ctx.agent_token,
+        ctx.broker,
+        tmp_path / "agent",
+        LocalExecutor(None),
+        name="node-7",
+        capabilities=CAPS,
+    )
+    runner = asyncio.create_task(agent.run())
+    try:
+        for _ in range(100):
+            if (await _agents(client)).get("node-7", {}).get("online"):
+                break
+            await asyncio.sleep(0.05)
+        a = (await _agents(client))["node-7"]
+        assert a["online"] is True and a["capabilities"]["cpu_cores"] == 8
+        assert agent.registration["queue"] == "renderfarm.tasks"
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+    assert (await _agents(client))["node-7"]["online"] is False
+
+    bad = NodeAgent(url, "wrong", ctx.broker, tmp_path / "bad", LocalExecutor(None), name="node-8")
+    with pytest.raises(ServerError) as info:
+        await asyncio.wait_for(bad.run(), 10)  # a refusal is final: no retrying
+    assert info.value.status == 401
+    assert "node-8" not in await _agents(client)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _cli(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [RENDERFARM, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_server_with_a_bad_database_url_exits_2_naming_it(tmp_path: Path) -> None:
+    res = _cli(
+        "server", "--data-dir", str(tmp_path / "d"), "--port", str(free_port()), "--database-url", "nope://x"
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out
+    assert "nope://x" in out and "Traceback" not in out
+
+
+def test_server_with_an_unreachable_broker_exits_2_with_the_password_hidden(tmp_path: Path) -> None:
+    res = _cli(
+        "server",
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--port",
+        str(free_port()),
+        "--broker-url",
+        "amqp://guest:secret@127.0.0.1:1/",
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out
+    assert "broker" in out and "127.0.0.1:1" in out and "guest:***@" in out
+    assert "secret" not in out and "Traceback" not in out
+
+
+def test_server_with_a_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "farm.toml"
+    cfg.write_text('lease_s = 30\nbrokr_url = "amqp://x"\n')
+    res = _cli("server", "--config", str(cfg), "--data-dir", str(tmp_path / "d"), "--port", str(free_port()))
+    assert res.returncode == 2 and "brokr_url" in res.stdout + res.stderr
+
+
+@pytest.fixture
+def farm_process(tmp_path: Path) -> Iterator[str]:
+    """`renderfarm up --agents 0` (memory broker) as a process with agent token ``tok-123``."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [RENDERFARM, "up", "--agents", "0", "--port", str(port), "--data-dir", str(tmp_path / "farm")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "RENDERFARM_AGENT_TOKEN": "tok-123"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail("renderfarm up exited: " + (proc.stdout.read() if proc.stdout else ""))
+            try:
+                with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("renderfarm up did not answer within 60 s")
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_agent_refuses_a_server_with_the_in_process_broker(farm_process: str, tmp_path: Path) -> None:
+    common = ["--server", farm_process, "--name", "far-1", "--work-dir", str(tmp_path / "w")]
+    res = _cli("agent", *common, "--token", "tok-123")
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out
+    assert "in-process broker" in out and "--broker-url" in out and "Traceback" not in out
+
+    res = _cli("agent", *common, "--token", "wrong")
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out
+    assert "agent token" in out and "Traceback" not in out
