@@ -196,6 +196,24 @@ async def test_resilient_swallows_bad_values_without_degrading(prefix: str) -> N
         await within(c.close())
 
 
+async def test_more_concurrent_calls_than_connections_wait_instead_of_failing(prefix: str) -> None:
+    """A burst of reads beyond the pool's connections queues for a connection; it is not an outage
+    (redis-py's default pool raises MaxConnectionsError, which would make the cache degraded)."""
+    c = ResilientCache(RedisCache(SHARED_URL, max_connections=4), name="burst")
+    try:
+        await within(c.set(prefix + "k", {"a": 1}))
+        got = await within(asyncio.gather(*(c.get_raw(prefix + "k") for _ in range(300))))
+        assert got == [b'{"a":1}'] * 300
+        assert not c.degraded and c.outages == 0
+        sub = c.subscribe(prefix + "chan")  # subscriptions do not take the commands' connections
+        await within(sub.ready(2.0))
+        await within(c.publish(prefix + "chan", {"n": 1}))
+        assert await within(sub.__anext__()) == {"n": 1}
+        await sub.aclose()
+    finally:
+        await within(c.close())
+
+
 def test_bad_urls_are_refused_with_the_password_redacted() -> None:
     for url in [
         "redis://:hunter2@cache.example:99999/0",

@@ -83,6 +83,8 @@ class RedisCache:
             and reconnects when no reply came within ``ping_interval_s`` more seconds
             (detects connections silently dropped by the network).
         max_queue: events buffered per subscription; a slow reader loses the oldest.
+        max_connections: connections for commands; beyond them a command waits for a free
+            one (a busy server is not an outage). Subscriptions hold connections of their own.
 
     Raises:
         ValueError: the URL is malformed (named with its password redacted).
@@ -97,6 +99,7 @@ class RedisCache:
         resubscribe_interval_s: float = 1.0,
         ping_interval_s: float = 10.0,
         max_queue: int = 1000,
+        max_connections: int = 128,
     ) -> None:
         _check_url(url)
         self.url = redact_url(url)
@@ -104,13 +107,20 @@ class RedisCache:
         self.resubscribe_interval_s = resubscribe_interval_s
         self.ping_interval_s = ping_interval_s
         self.max_queue = max_queue
-        self._client = aioredis.from_url(
-            url,
-            socket_timeout=socket_timeout_s,
-            socket_connect_timeout=connect_timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=False,
+        options: dict[str, Any] = {
+            "socket_timeout": socket_timeout_s,
+            "socket_connect_timeout": connect_timeout_s,
+            "retry": Retry(NoBackoff(), 0),
+            "decode_responses": False,
+        }
+        # redis-py's default pool raises MaxConnectionsError (a ConnectionError) when all its
+        # connections are busy, which would turn a burst of requests into a cache outage.
+        self._client = aioredis.Redis.from_pool(
+            aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=max_connections, timeout=None, **options
+            )
         )
+        self._pubsub_client = aioredis.from_url(url, max_connections=1 << 20, **options)
         self._subs: weakref.WeakSet[_RedisSubscription[Any]] = weakref.WeakSet()
         self._closed = False
 
@@ -230,6 +240,8 @@ class RedisCache:
             await sub.aclose()
         with contextlib.suppress(Exception):
             await self._client.aclose()
+        with contextlib.suppress(Exception):
+            await self._pubsub_client.aclose()
 
 
 class _RedisSubscription(Generic[T]):
@@ -322,7 +334,7 @@ class _RedisSubscription(Generic[T]):
         cache = self._cache
         delay = 0.05
         while not self._closed:
-            pubsub = cache._client.pubsub()
+            pubsub = cache._pubsub_client.pubsub()
             was_subscribed = False
             try:
                 if self._pattern:
