@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
@@ -40,7 +39,30 @@ async def run_agent(
             60 s, or uses the in-process broker (which agents in other processes cannot reach);
             or the broker URL is not usable.
     """
+    loop = asyncio.get_running_loop()
+    me = asyncio.current_task()
+    assert me is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):  # from the start: also while registering
+        loop.add_signal_handler(sig, me.cancel)
     name = name or f"{socket.gethostname()}-{os.getpid()}"
+    try:
+        await _serve(server, token, broker_url, name, pool, tags, work_dir, blender, console)
+    except asyncio.CancelledError:
+        pass
+    console.print(f"agent {name} stopped")
+
+
+async def _serve(
+    server: str,
+    token: str,
+    broker_url: str | None,
+    name: str,
+    pool: str,
+    tags: list[str],
+    work_dir: Path | None,
+    blender: str | None,
+    console: Any,
+) -> None:
     work = work_dir or DEFAULT_DATA_DIR / f"agent-{name}"
     caps = detect(blender, tags)
     agent = NodeAgent(
@@ -80,13 +102,7 @@ async def run_agent(
         f"{len(caps['gpus'])} GPU(s)); taking tasks from {redact_url(url)}",
         highlight=False,
     )
-    loop = asyncio.get_running_loop()
-    runner = asyncio.create_task(agent.run(), name=f"agent-{name}")
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, runner.cancel)
     try:
-        with contextlib.suppress(asyncio.CancelledError):
-            await runner
+        await agent.run()  # until SIGINT/SIGTERM cancels it (a task in progress is handed back)
     finally:
         await broker.close()
-    console.print(f"agent {name} stopped")

@@ -188,9 +188,8 @@ class NodeAgent:
                 await asyncio.sleep(retry_s)
 
     async def _beat(self, stopping: bool = False) -> None:
-        await self._call(
-            "POST", "/api/agent/heartbeat", retries=1, json={"name": self.name, "stopping": stopping}
-        )
+        body = {"name": self.name, "stopping": stopping}
+        await self._call("POST", "/api/agent/heartbeat", retries=1, retry_for_s=2, json=body)
 
     async def _agent_heartbeats(self) -> None:
         period = float(self.registration.get("heartbeat_s") or 5.0)
@@ -383,13 +382,12 @@ class NodeAgent:
                 attempt.errors.append(f"frame {frame}: {problem}")
                 continue
             try:
-                with open(file, "rb") as fh:
-                    await self._call(
-                        "PUT",
-                        f"/api/agent/tasks/{spec.task_id}/frames/{frame}",
-                        params={"lease_id": spec.lease_id, "ext": ext},
-                        data=fh,
-                    )
+                await self._call(
+                    "PUT",
+                    f"/api/agent/tasks/{spec.task_id}/frames/{frame}",
+                    params={"lease_id": spec.lease_id, "ext": ext},
+                    upload=file,
+                )
                 attempt.uploaded.add(frame)
                 await asyncio.to_thread(file.unlink, True)
             except ServerError as exc:
@@ -406,26 +404,49 @@ class NodeAgent:
             raise RuntimeError("agent is not running")
         return self._http
 
-    async def _call(self, method: str, path: str, retries: int = 3, **kw: Any) -> Any:
-        """One API call with retries on connection errors and 5xx; raises :class:`ServerError`."""
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        retries: int = 3,
+        retry_for_s: float | None = None,
+        upload: Path | None = None,
+        **kw: Any,
+    ) -> Any:
+        """One API call, retried on connection errors and 5xx; raises :class:`ServerError`.
+
+        Args:
+            retries: attempts at least.
+            retry_for_s: keep retrying for this many seconds (default: the lease, 30 s unless the
+                server said otherwise), so that a server restart does not lose an upload or a
+                result; the server extends leases when its scheduler starts again.
+            upload: a file sent as the request body (opened again for each try).
+        """
+        budget = retry_for_s if retry_for_s is not None else float(self.registration.get("lease_s") or 30.0)
+        deadline = time.monotonic() + budget
         delay = 0.5
-        for attempt in range(retries):
+        attempt = 0
+        while True:
+            attempt += 1
+            last = attempt >= retries and time.monotonic() + delay > deadline
             try:
-                async with self._http_session().request(method, self.server_url + path, **kw) as resp:
+                async with contextlib.AsyncExitStack() as stack:
+                    if upload is not None:  # a fresh file object per try: aiohttp closes it when sent
+                        kw["data"] = stack.enter_context(open(upload, "rb"))
+                    resp = await stack.enter_async_context(
+                        self._http_session().request(method, self.server_url + path, **kw)
+                    )
                     body = await resp.json(content_type=None) if resp.content_length != 0 else {}
                     if resp.status < 400:
                         return body
                     message = (body or {}).get("error", {}).get("message", resp.reason or "")
-                    if resp.status < 500 or attempt == retries - 1:
+                    if resp.status < 500 or last:
                         raise ServerError(resp.status, message)
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                if attempt == retries - 1:
+                if last:
                     raise ServerError(0, f"server unreachable: {exc}") from exc
-            if "data" in kw and hasattr(kw["data"], "seek"):
-                kw["data"].seek(0)
             await asyncio.sleep(delay)
-            delay *= 2
-        raise ServerError(0, "unreachable")
+            delay = min(delay * 2, 5.0)
 
 
 def _version() -> str:

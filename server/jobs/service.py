@@ -574,6 +574,24 @@ async def release_task(ctx: FarmContext, task_id: str, lease_id: str) -> dict[st
 
 
 @retry_on_disconnect
+async def extend_leases(ctx: FarmContext) -> int:
+    """Give every running task a full lease from now; returns how many.
+
+    Called when a scheduler takes over (a server started, or another one lost the lock):
+    while no scheduler ran, agents could not heartbeat, so their leases say nothing
+    about whether they are alive. Those still rendering heartbeat within the new lease.
+    """
+    async with ctx.db.session() as s:
+        res = await s.execute(
+            update(Task)
+            .where(Task.state == sm.RUNNING)
+            .values(lease_expires_at=utcnow() + timedelta(seconds=ctx.settings.lease_s))
+        )
+        await s.commit()
+    return res.rowcount or 0
+
+
+@retry_on_disconnect
 async def requeue_expired(ctx: FarmContext) -> int:
     """Requeue running tasks whose lease expired (agent lost); fail them after ``max_attempts``.
 

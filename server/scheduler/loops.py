@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from server.context import FarmContext
+from server.jobs.service import extend_leases
 from server.scheduler.dispatcher import dispatch_once
 from server.scheduler.leader import LeaderLock
 from server.scheduler.reconciler import reconcile_broker, reconcile_cache
@@ -76,6 +77,12 @@ class Scheduler:
                 continue
             log.info("this server runs the scheduler")
             self.leading = True
+            try:
+                n = await extend_leases(self.ctx)
+                if n:
+                    log.info("gave %d running task(s) a fresh lease while their agents reconnect", n)
+            except Exception as exc:
+                log.warning("could not extend leases: %s", exc)
             loops = [
                 asyncio.create_task(
                     self._every(self._dispatch, self.ctx.dispatch_ready, 0.5), name="dispatcher"
