@@ -122,6 +122,10 @@ class FarmClient:
         """``POST /api/jobs/{id}/cancel``."""
         return await self._json("POST", f"/api/jobs/{_q(job_id)}/cancel")
 
+    async def set_priority(self, job_id: str, priority: int) -> dict[str, Any]:
+        """``PATCH /api/jobs/{id}`` with a new priority."""
+        return await self._json("PATCH", f"/api/jobs/{_q(job_id)}", json={"priority": priority})
+
     async def outputs(self, job_id: str) -> dict[str, Any]:
         """``GET /api/jobs/{id}/outputs``."""
         return await self._json("GET", f"/api/jobs/{_q(job_id)}/outputs")

@@ -273,6 +273,9 @@ def _render_options(f: Any) -> Any:
         ),
         click.option("--priority", type=click.IntRange(-100, 100), default=0, show_default=True),
         click.option(
+            "--pool", default=None, help="Capability pool whose agents render it (default: default)."
+        ),
+        click.option(
             "--allow-missing",
             is_flag=True,
             default=None,
@@ -449,6 +452,24 @@ def cancel(job_id: str, server: str) -> None:
             except ClientError as exc:
                 _fail(str(exc))
         console.print(f"job {j['id']} {j['state']}", highlight=False)
+
+    asyncio.run(run())
+
+
+@main.command()
+@click.argument("job_id")
+@click.argument("priority", type=click.IntRange(-100, 100))
+@server_option
+def priority(job_id: str, priority: int, server: str) -> None:
+    """Change a job's PRIORITY (-100..100, higher first); its tasks not yet dispatched follow."""
+
+    async def run() -> None:
+        async with FarmClient(server) as c:
+            try:
+                j = await c.set_priority(job_id, priority)
+            except ClientError as exc:
+                _fail(str(exc))
+        console.print(f"job {j['id']} priority {j['priority']} ({j['state']})", highlight=False)
 
     asyncio.run(run())
 

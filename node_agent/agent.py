@@ -205,20 +205,30 @@ class NodeAgent:
                     log.warning("agent heartbeat failed: %s", exc.message)
 
     async def handle(self, delivery: _Delivery) -> None:
-        """Process one delivery; ack once the server has the result, nack if the server is unreachable."""
+        """Process one delivery; ack once the server has the result.
+
+        A message that cannot be read, or names a task the server does not know, is
+        dead-lettered (``nack(requeue=False)``: the broker keeps it in ``<queue>.dead`` for
+        inspection). While the server is unreachable, or refuses this agent's token, the
+        message is given back for another try.
+        """
         try:
             msg = TaskMessage.from_dict(json.loads(delivery.body))
         except (ValueError, TypeError) as exc:
-            log.error("dropping malformed task message: %s", exc)
-            await delivery.ack()
+            log.error("dead-lettering a malformed task message: %s", exc)
+            await delivery.nack(requeue=False)
             return
         try:
             await self.run_task(msg.task_id)
         except ServerError as exc:
-            if exc.status == 0 or exc.status >= 500:
+            if exc.status in (0, 401, 403) or exc.status >= 500:
                 log.warning("server unavailable for task %s (%s); message requeued", msg.task_id, exc)
                 await delivery.nack(requeue=True)
                 await asyncio.sleep(2)
+                return
+            if exc.status in (400, 404):
+                log.error("dead-lettering the message of task %s: %s", msg.task_id, exc)
+                await delivery.nack(requeue=False)
                 return
             log.info("task %s: %s", msg.task_id, exc)
         except Exception:

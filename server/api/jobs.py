@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from server.api.middleware import CTX, json_ok, parse_body
 from server.api.registry import route
-from server.api.schemas import JobCreate, JobList, JobSummary, TaskList, TaskOut, TaskStatus
+from server.api.schemas import JobCreate, JobList, JobSummary, JobUpdate, TaskList, TaskOut, TaskStatus
 from server.context import FarmContext
 from server.errors import ApiError, not_found
 from server.jobs import service
@@ -196,6 +196,23 @@ async def task_status(request: web.Request) -> web.Response:
         raise not_found("task", task_id)
     await service.status_of(ctx).tasks([t], events=False)
     return web.json_response(task_status_dict(t))
+
+
+@route(
+    "PATCH",
+    "/api/jobs/{job_id}",
+    permission="job:update",
+    summary="Change a job's priority; its tasks not yet dispatched follow at once",
+    body=JobUpdate,
+    response=JobSummary,
+)
+async def update_job(request: web.Request) -> web.Response:
+    """409 when the job has already finished."""
+    ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
+    req = await parse_body(request, JobUpdate)
+    job_id = request.match_info["job_id"]
+    await service.set_priority(ctx, job_id, req.priority)
+    return web.json_response(await service.job_summary(ctx, job_id))
 
 
 @route(

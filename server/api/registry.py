@@ -4,7 +4,7 @@ Permissions (enforced by :mod:`server.api.middleware`):
 
 * ``public`` -- anyone (health, OpenAPI, signed file URLs that carry their own signature);
 * ``agent`` -- a node agent, with the farm's agent token as a Bearer token;
-* ``model:create``, ``model:read``, ``job:create``, ``job:read``, ``job:cancel``,
+* ``model:create``, ``model:read``, ``job:create``, ``job:read``, ``job:cancel``, ``job:update``,
   ``output:read``, ``node:read`` -- user permissions. Until accounts and per-project roles land,
   the embedded farm grants them to every caller and listens on 127.0.0.1 only.
 """
@@ -28,6 +28,7 @@ PERMISSIONS = (
     "job:create",
     "job:read",
     "job:cancel",
+    "job:update",
     "output:read",
     "node:read",
 )

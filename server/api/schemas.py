@@ -35,6 +35,21 @@ class JobCreate(_Strict):
         False,
         description="render even though files the model refers to (libraries, images, caches) are missing",
     )
+    pool: str = Field(
+        "default",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[a-z0-9][a-z0-9:_-]*$",
+        description="the capability pool whose agents render it (agents start with --pool)",
+    )
+
+
+class JobUpdate(_Strict):
+    """``PATCH /api/jobs/{job_id}``: what may change while a job runs."""
+
+    priority: StrictInt = Field(
+        ge=-100, le=100, description="higher first; applies to tasks not yet dispatched"
+    )
 
 
 class JobSummary(BaseModel):
@@ -51,6 +66,7 @@ class JobSummary(BaseModel):
     progress: float
     chunk_size: int
     priority: int
+    pool: str
     scene: str | None
     overrides: dict[str, Any]
     tasks: dict[str, int]

@@ -213,6 +213,26 @@ async def cancel_job(ctx: FarmContext, job_id: str) -> Job:
 
 
 @retry_on_disconnect
+async def set_priority(ctx: FarmContext, job_id: str, priority: int) -> None:
+    """Change a job's priority. Its tasks not yet dispatched follow it at once: only a few
+    per pool wait in the broker (the dispatch window), the rest are ordered in the database.
+
+    Raises:
+        ApiError: 404 unknown job; 409 when the job has already finished.
+    """
+    async with ctx.db.session() as s:
+        job = await s.get(Job, job_id)
+        if job is None:
+            raise not_found("job", job_id)
+        if job.state in sm.FINISHED:
+            raise ApiError(409, f"job {job_id} has already finished ({job.state})", "job_id")
+        job.priority = priority
+        await s.commit()
+    ctx.dispatch_ready.set()
+    await publish_job(ctx, job_id)
+
+
+@retry_on_disconnect
 async def job_summary(ctx: FarmContext, job_id: str, session: AsyncSession | None = None) -> dict[str, Any]:
     """The job's status as served by the API: state, task counts by state, frames stored, progress %.
 
@@ -242,6 +262,7 @@ async def job_summary(ctx: FarmContext, job_id: str, session: AsyncSession | Non
         "progress": round(100.0 * stored / job.frame_count, 1) if job.frame_count else 100.0,
         "chunk_size": job.chunk_size,
         "priority": job.priority,
+        "pool": job.pool,
         "scene": job.scene,
         "overrides": job.overrides,
         "tasks": counts,
