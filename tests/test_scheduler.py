@@ -27,7 +27,7 @@ from server.persistence import Database
 from server.persistence.tables import Model, OutboxMessage, Task, utcnow
 from server.scheduler.dispatcher import dispatch_once, forget_dispatches
 from server.scheduler.leader import LeaderLock
-from server.scheduler.reconciler import reconcile_broker, reconcile_cache
+from server.scheduler.reconciler import prune_outbox, reconcile_broker, reconcile_cache
 from server.scheduler.relay import relay_once
 from tests.conftest import farm_settings
 from tests.mariadb import admin_connection, fresh_database, mariadb_url  # noqa: F401
@@ -533,3 +533,21 @@ async def test_two_servers_on_one_mariadb_one_schedules_and_the_other_takes_over
         await two.stop()
         for c in ctxs:
             await c.close()
+
+
+# ---------------------------------------------------------------- outbox pruning
+
+
+async def test_published_outbox_rows_are_pruned_after_an_hour(ctx: FarmContext) -> None:
+    ctx.settings.dispatch_window = 3
+    await _job(ctx, tasks=5)
+    await dispatch_once(ctx)
+    assert await relay_once(ctx) == 3
+    async with ctx.db.session() as s:
+        rows = (await s.scalars(select(OutboxMessage).order_by(OutboxMessage.id))).all()
+        rows[0].published_at = utcnow() - timedelta(hours=2)  # one old, two recent
+        s.add(OutboxMessage(queue=TASK_QUEUE, payload={}, priority=0))  # one not yet published
+        await s.commit()
+    assert await prune_outbox(ctx) == 1
+    left = await _outbox(ctx)
+    assert len(left) == 3 and sum(r.published_at is None for r in left) == 1

@@ -206,6 +206,8 @@ async def cancel_job(ctx: FarmContext, job_id: str) -> Job:
         )
         await s.commit()
         canceled = (await s.scalars(select(Task).where(Task.job_id == job_id, Task.finished_at == now))).all()
+    for t in canceled:
+        ctx.observe("task_finished", 0.0, state=sm.CANCELED, pool=t.pool)
     await status_of(ctx).tasks(canceled, events=False)
     await publish_job(ctx, job_id)
     ctx.dispatch_ready.set()
@@ -565,10 +567,35 @@ async def finish_task(ctx: FarmContext, task_id: str, result: TaskResult) -> dic
         await s.execute(update(Agent).where(Agent.current_task_id == task_id).values(current_task_id=None))
         await s.commit()
         out = {"task_id": task_id, "state": state, "message": message}
+    if not changed and job.state not in sm.FINISHED:
+        try:
+            changed = await settle_job(ctx, task.job_id)
+        except Exception as exc:  # the result is committed; only the job's state may lag
+            log.warning("job %s: state not refreshed after task %s finished: %s", task.job_id, task_id, exc)
     ctx.observe("task_finished", result.render_seconds, state=state, frames=len(stored), pool=task.pool)
     await status_of(ctx).tasks([task])
     await publish_job(ctx, task.job_id, now=changed)
     return out
+
+
+@retry_on_disconnect
+async def settle_job(ctx: FarmContext, job_id: str) -> bool:
+    """End a job whose tasks have all finished, under a lock on its row; returns whether its state changed.
+
+    :func:`finish_task` checks the job inside its own transaction, before its commit:
+    two tasks finishing at the same moment each see the other still running (READ
+    COMMITTED) and neither ends the job. This check runs after the commit, so the later
+    of the two sees both. It costs one index seek while the job still has work.
+    """
+    async with ctx.db.session() as s:
+        if await _has(s, job_id, [sm.RUNNING, sm.QUEUED]):
+            return False
+        job = await s.get(Job, job_id, with_for_update=True)
+        if job is None:
+            return False
+        changed = await _refresh_job_state(s, job)
+        await s.commit()
+    return changed
 
 
 @retry_on_disconnect
@@ -631,6 +658,7 @@ async def requeue_expired(ctx: FarmContext) -> int:
             if task.attempts >= ctx.settings.max_attempts:
                 task.state, task.finished_at = sm.FAILED, now
                 task.message = f"lease expired on {task.attempts} attempts (agent {task.agent} lost)"
+                ctx.observe("task_finished", 0.0, state=sm.FAILED, pool=task.pool)
             else:
                 task.state, task.dispatched_at = sm.QUEUED, None
                 task.message = f"requeued: lease of agent {task.agent} expired"

@@ -17,7 +17,7 @@ from server.context import FarmContext
 from server.jobs.service import extend_leases
 from server.scheduler.dispatcher import dispatch_once
 from server.scheduler.leader import LeaderLock
-from server.scheduler.reconciler import reconcile_broker, reconcile_cache
+from server.scheduler.reconciler import prune_outbox, reconcile_broker, reconcile_cache
 from server.scheduler.relay import relay_once
 from server.scheduler.timeout_checker import requeue_expired
 
@@ -141,3 +141,4 @@ class Scheduler:
     async def _reconcile(self) -> None:
         await reconcile_broker(self.ctx)
         await reconcile_cache(self.ctx)
+        await prune_outbox(self.ctx)

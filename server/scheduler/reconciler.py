@@ -19,7 +19,7 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 
 from protocol.messages import queue_for_pool
 from server.context import FarmContext
@@ -87,6 +87,24 @@ async def reconcile_broker(ctx: FarmContext, grace_s: float = 30.0) -> int:
     if repaired:
         ctx.dispatch_ready.set()
     return repaired
+
+
+@retry_on_disconnect
+async def prune_outbox(ctx: FarmContext, keep_s: float = 3600.0) -> int:
+    """Delete outbox rows published more than ``keep_s`` seconds ago; returns how many.
+
+    Published rows are kept a while for inspection, then go: the outbox would
+    otherwise grow by one row per dispatched task for ever.
+    """
+    async with ctx.db.session() as s:
+        res = await s.execute(
+            delete(OutboxMessage).where(
+                OutboxMessage.published_at.is_not(None),
+                OutboxMessage.published_at < utcnow() - timedelta(seconds=keep_s),
+            )
+        )
+        await s.commit()
+    return res.rowcount or 0
 
 
 async def reconcile_cache(ctx: FarmContext, full: bool = False) -> int:
