@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import load_only
 
 from protocol.frames import FrameSpecError, chunk_frames, format_frames, parse_frames
 from protocol.messages import (
@@ -368,14 +369,23 @@ async def claim_task(ctx: FarmContext, task_id: str, agent: str) -> TaskSpec:
                 message="",
             )
         )
-        task = await s.get(Task, task_id)
-        if task is None:
+        row = (  # the task, its job and its model in one round trip, only the columns used
+            await s.execute(
+                select(Task, Job, Model)
+                .join(Job, Task.job_id == Job.id)
+                .join(Model, Job.model_id == Model.id)
+                .where(Task.id == task_id)
+                .options(
+                    load_only(Job.id, Job.state, Job.scene, Job.overrides, Job.model_id),
+                    load_only(Model.id, Model.sha256, Model.kind, Model.main, Model.storage_key),
+                )
+            )
+        ).first()
+        if row is None:
             raise not_found("task", task_id)
+        task, job, model = row
         if res.rowcount != 1:
             raise ApiError(409, f"task {task_id} is not waiting to run (state {task.state})", "task_id")
-        await s.refresh(task)
-        job = await s.get(Job, task.job_id)
-        model = await s.get(Model, job.model_id)
         changed = job.state == sm.QUEUED
         if changed:
             job.state = sm.RUNNING
@@ -567,11 +577,11 @@ async def finish_task(ctx: FarmContext, task_id: str, result: TaskResult) -> dic
         await s.execute(update(Agent).where(Agent.current_task_id == task_id).values(current_task_id=None))
         await s.commit()
         out = {"task_id": task_id, "state": state, "message": message}
-    if not changed and job.state not in sm.FINISHED:
-        try:
-            changed = await settle_job(ctx, task.job_id)
-        except Exception as exc:  # the result is committed; only the job's state may lag
-            log.warning("job %s: state not refreshed after task %s finished: %s", task.job_id, task_id, exc)
+        if not changed and job.state not in sm.FINISHED:
+            try:  # in a new transaction, after the commit (see settle_job)
+                changed = await _settle(s, task.job_id)
+            except Exception as exc:  # the result is committed; only the job's state may lag
+                log.warning("job %s: state not refreshed after task %s: %s", task.job_id, task_id, exc)
     ctx.observe("task_finished", result.render_seconds, state=state, frames=len(stored), pool=task.pool)
     await status_of(ctx).tasks([task])
     await publish_job(ctx, task.job_id, now=changed)
@@ -588,13 +598,17 @@ async def settle_job(ctx: FarmContext, job_id: str) -> bool:
     of the two sees both. It costs one index seek while the job still has work.
     """
     async with ctx.db.session() as s:
-        if await _has(s, job_id, [sm.RUNNING, sm.QUEUED]):
-            return False
-        job = await s.get(Job, job_id, with_for_update=True)
-        if job is None:
-            return False
-        changed = await _refresh_job_state(s, job)
-        await s.commit()
+        return await _settle(s, job_id)
+
+
+async def _settle(s: AsyncSession, job_id: str) -> bool:
+    if await _has(s, job_id, [sm.RUNNING, sm.QUEUED]):
+        return False  # the read-only transaction ends with the session
+    job = await s.get(Job, job_id, with_for_update=True, populate_existing=True)
+    if job is None:
+        return False
+    changed = await _refresh_job_state(s, job)
+    await s.commit()
     return changed
 
 

@@ -105,9 +105,17 @@ class StatusPublisher:
         await self._write({}, [(f"job:{job_id}", event)])
 
     async def flush(self) -> None:
-        """Publish every stale job summary now."""
-        while self._dirty:
-            await self.job_now(self._dirty.pop())
+        """Publish every job summary marked stale so far, once each.
+
+        Jobs marked stale while it runs wait for the next round: under steady load a
+        job's summary is published once per ``interval_s``, not back to back.
+        """
+        dirty, self._dirty = self._dirty, set()
+        try:
+            while dirty:
+                await self.job_now(dirty.pop())
+        finally:
+            self._dirty |= dirty  # interrupted: the rest stay stale
 
     async def close(self) -> None:
         """Flush and stop the background task."""

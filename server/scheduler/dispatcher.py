@@ -9,6 +9,8 @@ between users), then to the oldest job, then in frame order.
 
 A dispatch marks the task (``dispatched_at``) and writes its outbox row in one
 transaction; the relay then publishes the row (:mod:`server.scheduler.relay`).
+A pool is refilled once a quarter of its window is free (:func:`refill_at`), so that
+a busy pool costs one dispatch per few claims rather than one per claim.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections import defaultdict
 from datetime import timedelta
 
 from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import load_only
 
 from server.context import FarmContext
 from server.jobs import task_state_machine as sm
@@ -41,6 +44,11 @@ async def online_agents(ctx: FarmContext) -> dict[str, int]:
         return {pool: n for pool, n in rows.all()}
 
 
+def refill_at(window: int) -> int:
+    """Free slots a pool's window needs before it is refilled: a quarter of it, at least 1."""
+    return max(1, window // 4)
+
+
 @retry_on_disconnect
 async def dispatch_once(ctx: FarmContext) -> int:
     """Fill every pool's window once; returns how many tasks were dispatched.
@@ -56,6 +64,7 @@ async def dispatch_once(ctx: FarmContext) -> int:
         jobs = (
             await s.scalars(
                 select(Job)
+                .options(load_only(Job.id, Job.pool, Job.priority, Job.owner, Job.created_at))
                 .where(Job.state.in_([sm.QUEUED, sm.RUNNING]))
                 .order_by(Job.priority.desc(), Job.created_at)
                 .limit(1000)
@@ -64,6 +73,16 @@ async def dispatch_once(ctx: FarmContext) -> int:
         if not jobs:
             return 0
         pools = {j.pool for j in jobs}
+        inflight_rows = await s.execute(
+            select(Task.pool, func.count())
+            .where(Task.pool.in_(pools), Task.state == sm.QUEUED, Task.dispatched_at.is_not(None))
+            .group_by(Task.pool)
+        )
+        inflight = {pool: n for pool, n in inflight_rows.all()}
+        windows = {p: fixed if fixed > 0 else max(MIN_WINDOW, 2 * agents.get(p, 0)) for p in pools}
+        due = [p for p in sorted(pools) if windows[p] - inflight.get(p, 0) >= refill_at(windows[p])]
+        if not due:
+            return 0
         busy = await s.execute(
             select(Task.pool, Job.owner, func.count())
             .join(Job, Task.job_id == Job.id)
@@ -76,20 +95,11 @@ async def dispatch_once(ctx: FarmContext) -> int:
             )
             .group_by(Task.pool, Job.owner)
         )
-        inflight_rows = await s.execute(
-            select(Task.pool, func.count())
-            .where(Task.pool.in_(pools), Task.state == sm.QUEUED, Task.dispatched_at.is_not(None))
-            .group_by(Task.pool)
-        )
-        inflight = {pool: n for pool, n in inflight_rows.all()}
         share: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         for pool, owner, n in busy.all():
             share[pool][owner] = n
-        for pool in sorted(pools):
-            window = fixed if fixed > 0 else max(MIN_WINDOW, 2 * agents.get(pool, 0))
-            free = window - inflight.get(pool, 0)
-            if free <= 0:
-                continue
+        for pool in due:
+            free = windows[pool] - inflight.get(pool, 0)
             chosen = await _choose(s, [j for j in jobs if j.pool == pool], free, share[pool])
             if not chosen:
                 continue

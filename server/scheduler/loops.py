@@ -18,6 +18,7 @@ from server.jobs.service import extend_leases
 from server.scheduler.dispatcher import dispatch_once
 from server.scheduler.leader import LeaderLock
 from server.scheduler.reconciler import prune_outbox, reconcile_broker, reconcile_cache
+from server.scheduler.relay import BATCH as RELAY_BATCH
 from server.scheduler.relay import relay_once
 from server.scheduler.timeout_checker import requeue_expired
 
@@ -130,7 +131,8 @@ class Scheduler:
             pass
 
     async def _relay(self) -> None:
-        while await relay_once(self.ctx) > 0:
+        # A short batch emptied the outbox; rows written since then set outbox_ready again.
+        while await relay_once(self.ctx) >= RELAY_BATCH:
             pass
 
     async def _leases(self) -> None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from server.context import FarmContext
 from server.persistence.tables import OutboxMessage, utcnow
 
+BATCH = 500
+"""Outbox rows published per round trip to the broker."""
 
-async def relay_once(ctx: FarmContext, batch: int = 500) -> int:
+
+async def relay_once(ctx: FarmContext, batch: int = BATCH) -> int:
     """Publish up to ``batch`` unpublished outbox rows; returns how many were published.
 
     A row is marked published only after the broker accepted it, so a crash
@@ -32,8 +35,11 @@ async def relay_once(ctx: FarmContext, batch: int = 500) -> int:
         await ctx.broker.publish_many(
             (row.queue, json.dumps(row.payload).encode(), row.priority) for row in rows
         )
-        now = utcnow()
-        for row in rows:
-            row.published_at = now
+        await s.execute(  # one statement, not one UPDATE per row
+            update(OutboxMessage)
+            .where(OutboxMessage.id.in_([row.id for row in rows]))
+            .values(published_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
         await s.commit()
     return len(rows)
