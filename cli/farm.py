@@ -75,6 +75,7 @@ async def running_farm(
                 LocalExecutor(settings.blender),
                 name=f"{socket.gethostname()}-local-{i + 1}",
                 capabilities=caps,
+                replace=True,
             )
             node_tasks.append(asyncio.create_task(agent.run(), name=f"agent-{i + 1}"))
         try:

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cli.client import ClientError, FarmClient
@@ -48,7 +49,7 @@ def server_option(f: Any) -> Any:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     sys.exit(code)
 
 
@@ -150,7 +151,7 @@ def _serve(settings: Any, host: str, port: int, agents: int, what: str) -> None:
             )
             console.print(
                 f"renderfarm {what} is up at [bold]{farm.url}[/] with {agents} local agent(s); "
-                f"data in {settings.data_dir}; backends: {backends}. Ctrl-C stops it.",
+                + escape(f"data in {settings.data_dir}; backends: {backends}. Ctrl-C stops it."),
                 highlight=False,
             )
             if not settings.agent_token and agents == 0:
@@ -397,13 +398,13 @@ def status(job_id: str, server: str, wait: bool) -> None:
                 _fail(str(exc))
             console.print(
                 f"job {j['id']} [bold]{j['state']}[/] {j['progress']}% "
-                f"({j['frames_done']}/{j['frame_count']} frames) {j['message']}",
+                f"({j['frames_done']}/{j['frame_count']} frames) {escape(j['message'])}",
                 highlight=False,
             )
             for t in tasks:
                 console.print(
                     f"  task {t['index']:>4} {t['state']:<10} frames {t['frames']} "
-                    f"{t['agent'] or ''} {t['message']}",
+                    f"{escape(t['agent'] or '')} {escape(t['message'])}",
                     highlight=False,
                 )
             return 1 if j["state"] in ("failed", "canceled") else 0
@@ -456,7 +457,7 @@ def cancel(job_id: str, server: str) -> None:
     asyncio.run(run())
 
 
-@main.command()
+@main.command(context_settings={"ignore_unknown_options": True})  # so that -5 is a priority
 @click.argument("job_id")
 @click.argument("priority", type=click.IntRange(-100, 100))
 @server_option

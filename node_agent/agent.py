@@ -28,6 +28,7 @@ import os
 import shutil
 import socket
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -102,6 +103,8 @@ class NodeAgent:
         pool: the capability pool whose queue it consumes.
         capabilities: what it advertises when it registers (see :mod:`node_agent.capabilities`).
         register: register with the server and heartbeat every ``heartbeat_s`` seconds.
+        replace: take the name over from another live process (the in-process agents of one
+            farm, whose data folder lock already makes them unique).
     """
 
     def __init__(
@@ -115,6 +118,7 @@ class NodeAgent:
         pool: str = "default",
         capabilities: dict[str, Any] | None = None,
         register: bool = True,
+        replace: bool = False,
     ) -> None:
         self.server_url = server_url.rstrip("/")
         self.token = token
@@ -126,6 +130,8 @@ class NodeAgent:
         self.pool = pool
         self.capabilities = capabilities if capabilities is not None else {}
         self.register_with_server = register
+        self.replace = replace
+        self.instance = uuid.uuid4().hex
         self.queue = queue_for_pool(pool)
         self.registration: dict[str, Any] = {}
         self._http: aiohttp.ClientSession | None = None
@@ -176,15 +182,22 @@ class NodeAgent:
                         "pool": self.pool,
                         "capabilities": self.capabilities,
                         "version": _version(),
+                        "instance": self.instance,
+                        "replace": self.replace,
                     },
                 )
                 return self.registration
             except ServerError as exc:
-                if 400 <= exc.status < 500:
+                if 400 <= exc.status < 500 and exc.status != 409:
+                    raise
+                if exc.status == 409 and give_up_s is not None and time.monotonic() - started > give_up_s:
                     raise
                 if give_up_s is not None and time.monotonic() - started > give_up_s:
                     raise
-                log.warning("cannot register with %s yet (%s); retrying", self.server_url, exc.message)
+                if exc.status == 409:  # a previous process of this agent may not be seen as gone yet
+                    log.warning("%s; retrying until it goes offline", exc.message)
+                else:
+                    log.warning("cannot register with %s yet (%s); retrying", self.server_url, exc.message)
                 await asyncio.sleep(retry_s)
 
     async def _beat(self, stopping: bool = False) -> None:

@@ -87,11 +87,34 @@ class Settings:
     status_interval_s: float = 0.2
 
     def __post_init__(self) -> None:
+        self.check()
         self.data_dir = Path(self.data_dir).expanduser().resolve()
         if not self.database_url:
             self.database_url = f"sqlite+aiosqlite:///{self.data_dir / 'renderfarm.db'}"
         if not self.storage_url:
             self.storage_url = (self.data_dir / "storage").as_uri()
+
+    def check(self) -> None:
+        """Refuse values the farm cannot work with, whichever source they came from.
+
+        Raises:
+            ValueError: naming the setting: timeouts and the lease under 1 s, no attempts,
+                a heartbeat that is not well inside the lease (agents would lose their
+                leases between two heartbeats), a negative dispatch window.
+        """
+        minimums = {"lease_s": 1.0, "task_timeout_s": 1.0, "stall_timeout_s": 1.0, "max_attempts": 1}
+        for name, low in minimums.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"setting {name} must be at least {low:g}, not {getattr(self, name)!r}")
+        if not 0 < self.heartbeat_s <= self.lease_s / 2:
+            raise ValueError(
+                f"setting heartbeat_s ({self.heartbeat_s:g}) must be above 0 and at most half of "
+                f"lease_s ({self.lease_s:g}), so that a live agent never loses its lease"
+            )
+        if self.dispatch_window < 0 or self.reconcile_s <= 0 or self.status_interval_s < 0:
+            raise ValueError(
+                "settings dispatch_window and status_interval_s must not be negative, reconcile_s above 0"
+            )
 
     @property
     def tmp_dir(self) -> Path:

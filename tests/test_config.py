@@ -154,3 +154,23 @@ def test_redact_url_hides_the_password_and_keeps_the_rest(url: str, shown: str) 
 def test_redact_url_of_an_unparsable_url_shows_nothing_of_it() -> None:
     out = redact_url("amqp://u:secret@[::1")
     assert "secret" not in out
+
+
+@pytest.mark.parametrize(
+    ("toml", "named"),
+    [
+        ("lease_s = 0", "lease_s"),
+        ("task_timeout_s = 0", "task_timeout_s"),
+        ("max_attempts = 0", "max_attempts"),
+        ("heartbeat_s = 60", "heartbeat_s"),  # longer than the 30 s lease
+        ("heartbeat_s = 0", "heartbeat_s"),
+    ],
+)
+def test_values_the_farm_cannot_work_with_are_refused_from_any_source(
+    tmp_path: Path, toml: str, named: str
+) -> None:
+    with pytest.raises(ValueError, match=named):
+        load_settings(_toml(tmp_path, toml + "\n"), {}, data_dir=tmp_path)
+    key, value = (x.strip() for x in toml.split("="))
+    with pytest.raises(ValueError, match=named):
+        load_settings(None, {f"RENDERFARM_{key.upper()}": value}, data_dir=tmp_path)

@@ -188,6 +188,28 @@ async def test_reregistering_reuses_the_row(api: tuple[FarmContext, TestClient])
         assert await s.scalar(select(func.count()).select_from(Agent)) == 1
 
 
+async def test_two_live_processes_cannot_share_a_name(api: tuple[FarmContext, TestClient]) -> None:
+    ctx, client = api
+    token = ctx.agent_token
+    status, _ = await _post(client, "/api/agent/register", token, {"name": "dup", "instance": "aaa"})
+    assert status == 200
+    status, _ = await _post(client, "/api/agent/register", token, {"name": "dup", "instance": "aaa"})
+    assert status == 200, "the same process may register again"
+    status, body = await _post(client, "/api/agent/register", token, {"name": "dup", "instance": "bbb"})
+    assert status == 409 and body["error"]["field"] == "name"
+    assert "already online" in body["error"]["message"]
+    status, _ = await _post(
+        client, "/api/agent/register", token, {"name": "dup", "instance": "bbb", "replace": True}
+    )
+    assert status == 200, "an in-process agent of the same farm takes its name back"
+    await _seen_ago(ctx, "dup", 3600)  # the holder went silent: the name is free
+    status, _ = await _post(client, "/api/agent/register", token, {"name": "dup", "instance": "ccc"})
+    assert status == 200
+    await _post(client, "/api/agent/heartbeat", token, {"name": "dup", "stopping": True})
+    status, _ = await _post(client, "/api/agent/register", token, {"name": "dup", "instance": "ddd"})
+    assert status == 200, "a clean stop frees the name at once"
+
+
 async def test_registration_names_the_networked_broker(tmp_path: Path) -> None:
     amqp = "amqp://farm:s3cret@rabbit.internal:5672/render"
     settings = farm_settings(tmp_path / "farm", broker_url=amqp)

@@ -135,7 +135,9 @@ async def register(request: web.Request) -> web.Response:
     """A restarted agent with the same name takes its row back."""
     ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
     req = await parse_body(request, AgentRegister)
-    out = await nodes.register(ctx, req.name, req.pool, req.capabilities.model_dump(), req.version)
+    out = await nodes.register(
+        ctx, req.name, req.pool, req.capabilities.model_dump(), req.version, req.instance, req.replace
+    )
     return web.json_response(out)
 
 

@@ -207,6 +207,10 @@ class AgentRegister(_Strict):
     pool: str = Field("default", min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9:_-]*$")
     capabilities: AgentCapabilities = Field(default_factory=AgentCapabilities)
     version: str = Field("", max_length=64)
+    instance: str = Field("", max_length=64, pattern=r"^[A-Za-z0-9_-]*$", description="random per process")
+    replace: StrictBool = Field(
+        False, description="take the name over even from a live process (in-process agents of one farm)"
+    )
 
 
 class AgentBeat(_Strict):

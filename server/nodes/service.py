@@ -50,9 +50,18 @@ def agent_broker_url(ctx: FarmContext) -> str | None:
 
 @retry_on_disconnect
 async def register(
-    ctx: FarmContext, name: str, pool: str, capabilities: dict[str, Any], version: str
+    ctx: FarmContext,
+    name: str,
+    pool: str,
+    capabilities: dict[str, Any],
+    version: str,
+    instance: str = "",
+    replace: bool = False,
 ) -> dict[str, Any]:
     """Record an agent (by name: a restarted agent takes its row back) and tell it how to work.
+
+    Two live processes may not share a name: while the row's agent is online with another
+    ``instance``, registering is refused (409) unless ``replace``.
 
     Returns:
         ``{"agent": <agent>, "queue": str, "broker_url": str | None, "heartbeat_s": float,
@@ -65,6 +74,22 @@ async def register(
         if agent is None:
             agent = Agent(id=new_id(), name=name, registered_at=now)
             s.add(agent)
+        elif (
+            not replace
+            and instance
+            and agent.instance
+            and agent.instance != instance
+            and agent.state == "online"
+            and agent.last_seen_at >= online_after(ctx)
+        ):
+            age = (now - agent.last_seen_at).total_seconds()
+            raise ApiError(
+                409,
+                f"an agent named {name!r} is already online (another process, seen {age:.0f} s ago); "
+                "choose another --name, or stop that one",
+                "name",
+            )
+        agent.instance = instance
         agent.pool, agent.capabilities, agent.version = pool, capabilities, version
         agent.state, agent.last_seen_at, agent.current_task_id = "online", now, None
         await s.commit()

@@ -165,6 +165,8 @@ class Agent(Base):
     """``{"cpu_cores": int, "memory_bytes": int, "gpus": [...], "backends": [...],
     "blender": str, "tags": [...]}`` as the agent advertised it."""
     version: Mapped[str] = mapped_column(String(64), default="")
+    instance: Mapped[str] = mapped_column(String(64), default="")
+    """A random id of the agent process now using the name (two processes may not share one)."""
     state: Mapped[str] = mapped_column(String(16), default="online")
     current_task_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     registered_at: Mapped[datetime] = mapped_column(default=utcnow)

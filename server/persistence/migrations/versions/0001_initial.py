@@ -148,6 +148,7 @@ def schema() -> sa.MetaData:
         sa.Column("pool", sa.String(64), nullable=False),
         sa.Column("capabilities", sa.JSON(), nullable=False),
         sa.Column("version", sa.String(64), nullable=False),
+        sa.Column("instance", sa.String(64), nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("current_task_id", sa.String(32), nullable=True),
         sa.Column("registered_at", TIME, nullable=False),
