@@ -141,6 +141,8 @@ def test_cli_failed_job_exits_1_with_the_reason(farm_process: str, sample_blend:
         "1",
         "--samples",
         "1000000",
+        "--resolution",
+        "1000",  # 3200x2400: adaptive sampling cannot converge within the 4 s
         "--server",
         farm_process,
         "--wait",
