@@ -15,6 +15,7 @@ from server.cache import Cache, open_cache
 from server.config import Settings
 from server.persistence import Database
 from server.storage import Storage, open_storage
+from server.storage.tracked import TrackedStorage
 
 
 @dataclass
@@ -66,7 +67,7 @@ class FarmContext:
             db=Database(settings.database_url),
             broker=open_broker(settings.broker_url),
             cache=open_cache(settings.cache_url),
-            storage=open_storage(settings.storage_url, settings.signing_secret()),
+            storage=TrackedStorage(open_storage(settings.storage_url, settings.signing_secret())),
             agent_token=settings.token(),
             executor=LocalExecutor(settings.blender),
             lock_fd=lock_fd,

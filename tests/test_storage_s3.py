@@ -454,3 +454,12 @@ async def test_upload_while_the_bucket_is_gone_is_503_and_keeps_nothing(
         assert _bucket(url) not in err["message"]  # the store's details stay in the server log
         async with client.http.get(f"{farm.url}/api/models") as r:
             assert (await r.json())["models"] == []
+        async with client.http.get(f"{farm.url}/healthz") as r:  # the outage shows in the health check
+            health = await r.json()
+        assert r.status == 200 and health["status"] == "degraded"
+        assert health["storage"].startswith("degraded")
+        _client(s3_endpoint).create_bucket(Bucket=_bucket(url))
+        farm.ctx.storage.recheck_s = 0
+        async with client.http.get(f"{farm.url}/healthz") as r:  # and clears once the store answers
+            health = await r.json()
+        assert health["status"] == "ok" and health["storage"] == "ok"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from typing import Any
 
 from aiohttp import web
@@ -20,7 +22,9 @@ async def healthz(request: web.Request) -> web.Response:
     """200 while the database answers (``status`` is ``degraded`` when the broker or the cache
     does not: jobs are still accepted and status reads fall back to the database); 503 otherwise.
 
-    The body names each backend's state but never its URL or an error's text (it is public).
+    Storage is ``degraded`` from a failed write or read (an object store that does not
+    answer) until the next one succeeds. The body names each backend's state but never
+    its URL or an error's text (it is public).
     """
     ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
     checks: dict[str, Any] = {}
@@ -39,9 +43,17 @@ async def healthz(request: web.Request) -> web.Response:
         checks["cache"] = "degraded: status reads come from the database"
     else:
         checks["cache"] = "ok"
+    storage = ctx.storage
+    if getattr(storage, "degraded", False) and time.time() - storage.failed_at >= storage.recheck_s:
+        with contextlib.suppress(Exception):  # clears the flag when the store answers again
+            await asyncio.wait_for(storage.check(), 3)
+    if getattr(storage, "degraded", False):
+        checks["storage"] = "degraded: the last write or read failed"
+    else:
+        checks["storage"] = "ok"
     if checks["database"] != "ok":
         status, code = "down", 503
-    elif checks["broker"] != "ok" or checks["cache"] != "ok":
+    elif checks["broker"] != "ok" or checks["cache"] != "ok" or checks["storage"] != "ok":
         status, code = "degraded", 200
     else:
         status, code = "ok", 200
