@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -66,9 +68,28 @@ async def farm(
     marker = request.node.get_closest_marker("agents")
     agents = marker.args[0] if marker else 1
     settings = farm_settings(tmp_path / "farm", backends)
-    async with running_farm(settings, port=free_port(), agents=agents) as running:
-        async with FarmClient(running.url) as client:
-            yield Farm(running, client)
+    stack = contextlib.AsyncExitStack()
+    running = await stack.enter_async_context(running_farm(settings, port=free_port(), agents=agents))
+    client = await stack.enter_async_context(FarmClient(running.url))
+    try:
+        yield Farm(running, client)
+    finally:
+        await stop_within(stack, 60)
+
+
+async def stop_within(stack: contextlib.AsyncExitStack, seconds: float) -> None:
+    """Close ``stack``; if that takes longer than ``seconds``, print every pending asyncio task's
+    stack (what the shutdown waits on) and fail, rather than hang the test session."""
+    closing = asyncio.ensure_future(stack.aclose())
+    done, _ = await asyncio.wait({closing}, timeout=seconds)
+    if closing in done:
+        closing.result()
+        return
+    for task in asyncio.all_tasks():
+        print(f"--- pending task {task.get_name()}:", file=sys.stderr)
+        task.print_stack(file=sys.stderr)
+    closing.cancel()
+    pytest.fail(f"the farm did not stop within {seconds:g} s (pending tasks printed above)")
 
 
 def blender_pids(under: Path, marker: str = "render_task.py") -> list[int]:
