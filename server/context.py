@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -16,6 +17,9 @@ from server.config import Settings
 from server.persistence import Database
 from server.storage import Storage, open_storage
 from server.storage.tracked import TrackedStorage
+
+WAKE_CHANNEL = "scheduler:wake"
+"""Cache channel on which server processes wake the one that schedules."""
 
 
 @dataclass
@@ -42,6 +46,29 @@ class FarmContext:
     """The :class:`server.jobs.status.StatusPublisher` (made on first use by the service)."""
     metrics: Any = None
     """The :class:`server.metrics.FarmMetrics` of the app serving this farm, if any."""
+
+    leading: bool = False
+    """Whether this process runs the scheduler now (see :mod:`server.scheduler.leader`)."""
+
+    async def wake_dispatcher(self) -> None:
+        """Tell the dispatcher that tasks became dispatchable or a window slot freed up.
+
+        In the process that schedules this sets ``dispatch_ready``; in another server
+        process it is sent over the cache's ``scheduler:wake`` channel to the one that
+        does (which would otherwise notice within its 0.5 s poll). Never raises.
+        """
+        self.dispatch_ready.set()
+        if not self.leading:
+            try:
+                await self.cache.publish(self.wake_channel, {"wake": 1})
+            except Exception:
+                logging.getLogger(__name__).debug("wake not sent", exc_info=True)
+
+    @property
+    def wake_channel(self) -> str:
+        """``scheduler:wake:<hash of the database URL>``: farms sharing a Redis do not wake each other."""
+        digest = hashlib.sha256(self.settings.database_url.encode()).hexdigest()[:16]
+        return f"{WAKE_CHANNEL}:{digest}"
 
     def observe(self, name: str, value: float, **labels: Any) -> None:
         """Record a measurement in the farm's metrics (no-op without metrics); never raises."""

@@ -535,6 +535,46 @@ async def test_two_servers_on_one_mariadb_one_schedules_and_the_other_takes_over
             await c.close()
 
 
+async def test_a_claim_on_another_server_wakes_the_scheduling_one(
+    mariadb_url: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Without the wake over Redis the leader would only notice at its next poll (30 s here)."""
+    from server.scheduler.loops import Scheduler
+
+    redis = "redis://127.0.0.1:6379/0"
+    ctxs = [
+        FarmContext.from_settings(
+            farm_settings(tmp_path / n, database_url=mariadb_url, cache_url=redis, dispatch_window=2)
+        )
+        for n in ("a", "b")
+    ]
+    await ctxs[0].db.migrate()
+    leader = Scheduler(ctxs[0], relay_poll_s=0.2, reconcile_s=600, leader_check_s=0.2)
+    leader.dispatch_poll_s = 30
+    try:
+        leader.start()
+
+        async def leads() -> bool:
+            return leader.leading
+
+        await _until(leads)
+        await asyncio.sleep(0.5)  # the wake listener is subscribed
+        job = await _job(ctxs[0], tasks=5)
+        await _until(lambda: _is(_dispatched(ctxs[0]), {job: [0, 1]}))
+        assert not ctxs[1].leading
+        await service.claim_task(ctxs[1], await _task_id(ctxs[1], job, 0), "b")
+        await _until(lambda: _is(_dispatched(ctxs[0]), {job: [1, 2]}), timeout_s=5)
+    finally:
+        await leader.stop()
+        for c in ctxs:
+            await c.close()
+
+
+async def _is(got, want) -> bool:  # type: ignore[no-untyped-def]
+    return await got == want
+
+
 # ---------------------------------------------------------------- outbox pruning
 
 

@@ -343,7 +343,10 @@ class _RedisSubscription(Generic[T]):
                     await pubsub.subscribe(self._target)
                 last_rx = time.monotonic()
                 ping_sent: float | None = None
-                while True:
+                # Checked on every pass, not only through cancellation: on Python 3.11 a cancel
+                # that lands as get_message's own timeout expires comes out as a TimeoutError,
+                # which redis-py treats as "no message", so the task would read on for ever.
+                while not self._closed:
                     msg = await pubsub.get_message(timeout=1.0)
                     now = time.monotonic()
                     if msg is not None:
@@ -368,6 +371,8 @@ class _RedisSubscription(Generic[T]):
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
+            if self._closed:
+                return
             if was_subscribed:
                 self.reconnects += 1
             await asyncio.sleep(delay)

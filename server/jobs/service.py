@@ -103,7 +103,7 @@ async def create_job(ctx: FarmContext, req: dict[str, Any]) -> Job:
             ],
         )
         await s.commit()
-    ctx.dispatch_ready.set()
+    await ctx.wake_dispatcher()
     await publish_job(ctx, job.id)
     return job
 
@@ -213,7 +213,7 @@ async def cancel_job(ctx: FarmContext, job_id: str) -> Job:
         ctx.observe("task_finished", 0.0, state=sm.CANCELED, pool=t.pool)
     await status_of(ctx).tasks(canceled, events=False)
     await publish_job(ctx, job_id)
-    ctx.dispatch_ready.set()
+    await ctx.wake_dispatcher()
     return job
 
 
@@ -233,7 +233,7 @@ async def set_priority(ctx: FarmContext, job_id: str, priority: int) -> None:
             raise ApiError(409, f"job {job_id} has already finished ({job.state})", "job_id")
         job.priority = priority
         await s.commit()
-    ctx.dispatch_ready.set()
+    await ctx.wake_dispatcher()
     await publish_job(ctx, job_id)
 
 
@@ -397,7 +397,7 @@ async def claim_task(ctx: FarmContext, task_id: str, agent: str) -> TaskSpec:
         await s.commit()
     if task.dispatched_at is not None:
         ctx.observe("dispatch_latency", (now - task.dispatched_at).total_seconds(), pool=task.pool)
-    ctx.dispatch_ready.set()  # a slot of the dispatch window is free
+    await ctx.wake_dispatcher()  # a slot of the dispatch window is free
     await status_of(ctx).tasks([task])
     await publish_job(ctx, task.job_id, now=changed)
     ov = job.overrides
@@ -631,7 +631,7 @@ async def release_task(ctx: FarmContext, task_id: str, lease_id: str) -> dict[st
         changed = await _refresh_job_state(s, job)
         await s.execute(update(Agent).where(Agent.current_task_id == task_id).values(current_task_id=None))
         await s.commit()
-    ctx.dispatch_ready.set()
+    await ctx.wake_dispatcher()
     await status_of(ctx).tasks([task])
     await publish_job(ctx, task.job_id, now=changed)
     return {"task_id": task_id, "state": sm.QUEUED}
@@ -682,7 +682,7 @@ async def requeue_expired(ctx: FarmContext) -> int:
             touched.add(job.id)
         await s.commit()
     if expired:
-        ctx.dispatch_ready.set()
+        await ctx.wake_dispatcher()
         await status_of(ctx).tasks(expired)
     for job_id in touched:
         await publish_job(ctx, job_id)

@@ -94,7 +94,7 @@ async def register(
         agent.state, agent.last_seen_at, agent.current_task_id = "online", now, None
         await s.commit()
         out = agent_dict(agent, online_after(ctx))
-    ctx.dispatch_ready.set()  # the pool's window grows with its agents
+    await ctx.wake_dispatcher()  # the pool's window grows with its agents
     return {
         "agent": out,
         "queue": queue_for_pool(pool),

@@ -49,6 +49,8 @@ class Scheduler:
         self.lease_check_s = lease_check_s
         self.reconcile_s = reconcile_s if reconcile_s is not None else ctx.settings.reconcile_s
         self.leader_check_s = leader_check_s
+        self.dispatch_poll_s = 0.5
+        """Seconds between dispatcher passes when nothing wakes it."""
         self.leading = False
         self._task: asyncio.Task[None] | None = None
         self._lock = LeaderLock(ctx.db)
@@ -77,7 +79,7 @@ class Scheduler:
                 await asyncio.sleep(self.leader_check_s)
                 continue
             log.info("this server runs the scheduler")
-            self.leading = True
+            self.leading = self.ctx.leading = True
             try:
                 n = await extend_leases(self.ctx)
                 if n:
@@ -86,7 +88,8 @@ class Scheduler:
                 log.warning("could not extend leases: %s", exc)
             loops = [
                 asyncio.create_task(
-                    self._every(self._dispatch, self.ctx.dispatch_ready, 0.5), name="dispatcher"
+                    self._every(self._dispatch, self.ctx.dispatch_ready, self.dispatch_poll_s),
+                    name="dispatcher",
                 ),
                 asyncio.create_task(
                     self._every(self._relay, self.ctx.outbox_ready, self.relay_poll_s), name="relay"
@@ -95,6 +98,7 @@ class Scheduler:
                     self._every(self._leases, None, self.lease_check_s), name="timeout-checker"
                 ),
                 asyncio.create_task(self._every(self._reconcile, None, self.reconcile_s), name="reconciler"),
+                asyncio.create_task(self._listen_for_wakes(), name="wake-listener"),
             ]
             self.ctx.dispatch_ready.set()
             try:
@@ -102,12 +106,21 @@ class Scheduler:
                     await asyncio.sleep(self.leader_check_s)
                 log.warning("scheduler lock lost; stopping the scheduler loops")
             finally:
-                self.leading = False
+                self.leading = self.ctx.leading = False
                 for t in loops:
                     t.cancel()
                 for t in loops:
                     with contextlib.suppress(asyncio.CancelledError):
                         await t
+
+    async def _listen_for_wakes(self) -> None:
+        """Wake the dispatcher when another server process says so (``ctx.wake_channel``)."""
+        sub = self.ctx.cache.subscribe(self.ctx.wake_channel)
+        try:
+            async for _event in sub:
+                self.ctx.dispatch_ready.set()
+        finally:
+            await sub.aclose()
 
     async def _every(
         self, step: Callable[[], Awaitable[None]], signal: asyncio.Event | None, poll_s: float
