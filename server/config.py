@@ -21,16 +21,15 @@ import dataclasses
 import fcntl
 import math
 import os
-import re
 import secrets
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from server.model_manager.limits import ModelLimits
+from server.urls import redact_url  # noqa: F401  (re-exported: the CLI names backends with it)
 
 
 @dataclass
@@ -182,31 +181,6 @@ class Settings:
 SECRET_FIELDS = frozenset({"agent_token", "signing_key"})
 """Settings never printed or logged."""
 _LOADABLE = {f.name: f.type for f in dataclasses.fields(Settings) if f.name not in ("limits",)}
-
-
-_SECRET_PARAM = re.compile(
-    r"(^|&)([^=&]*(?:password|passwd|secret|token|key|credential|sig)[^=&]*)=[^&]*", re.IGNORECASE
-)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password, and the values of query parameters named like secrets
-    (``password``, ``token``, ``secret_key``...), replaced by ``***`` (for messages and logs).
-    The rest is kept as it was; an unparsable URL becomes ``<unparsable URL>``."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return "<unparsable URL>"
-    out = url
-    if password is not None:
-        host = parts.netloc.rsplit("@", 1)[1]
-        out = urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
-    if parts.query:
-        head, mark, rest = out.partition("?")
-        query, hash_, fragment = rest.partition("#")
-        out = head + mark + _SECRET_PARAM.sub(r"\1\2=***", query) + hash_ + fragment
-    return out
 
 
 _TRUE = frozenset({"1", "true", "yes", "on"})

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 from typing import Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
+
+from server.urls import redact_url
 
 
 class BrokerError(ConnectionError):
@@ -86,24 +88,6 @@ class Broker(Protocol):
 
     async def close(self) -> None:
         """Stop all consumers and release connections."""
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (for messages and logs).
-
-    ``amqp://user:secret@host/vh`` -> ``amqp://user:***@host/vh``; a URL that cannot be
-    parsed is returned as ``<unparsable URL>`` when it might hold a password.
-    """
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return "<unparsable URL>" if "@" in url else url
-    if password is None:
-        return url
-    userinfo, _, hostinfo = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostinfo}"))
 
 
 def open_broker(url: str) -> Broker:
