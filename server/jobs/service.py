@@ -186,6 +186,20 @@ def outbox_for(task: Task, job: Job) -> OutboxMessage:
     return OutboxMessage(queue=queue_for_pool(task.pool), payload=msg.to_dict(), priority=job.priority)
 
 
+async def _unfinished_job(s: AsyncSession, job_id: str) -> Job:
+    """The job, which must exist and not have finished.
+
+    Raises:
+        ApiError: 404 unknown job; 409 when the job has already finished.
+    """
+    job = await s.get(Job, job_id)
+    if job is None:
+        raise not_found("job", job_id)
+    if job.state in sm.FINISHED:
+        raise ApiError(409, f"job {job_id} has already finished ({job.state})", "job_id")
+    return job
+
+
 @retry_on_disconnect
 async def cancel_job(ctx: FarmContext, job_id: str) -> Job:
     """Cancel a job: queued and running tasks become canceled; running agents stop at their next heartbeat.
@@ -194,11 +208,7 @@ async def cancel_job(ctx: FarmContext, job_id: str) -> Job:
         ApiError: 404 unknown job; 409 when the job has already finished.
     """
     async with ctx.db.session() as s:
-        job = await s.get(Job, job_id)
-        if job is None:
-            raise not_found("job", job_id)
-        if job.state in sm.FINISHED:
-            raise ApiError(409, f"job {job_id} has already finished ({job.state})", "job_id")
+        job = await _unfinished_job(s, job_id)
         now = utcnow()
         job.state, job.message, job.finished_at = sm.CANCELED, "canceled by request", now
         await s.execute(
@@ -226,11 +236,7 @@ async def set_priority(ctx: FarmContext, job_id: str, priority: int) -> None:
         ApiError: 404 unknown job; 409 when the job has already finished.
     """
     async with ctx.db.session() as s:
-        job = await s.get(Job, job_id)
-        if job is None:
-            raise not_found("job", job_id)
-        if job.state in sm.FINISHED:
-            raise ApiError(409, f"job {job_id} has already finished ({job.state})", "job_id")
+        job = await _unfinished_job(s, job_id)
         job.priority = priority
         await s.commit()
     await ctx.wake_dispatcher()
