@@ -227,6 +227,16 @@ async def cancel_job(ctx: FarmContext, job_id: str) -> Job:
     return job
 
 
+async def _agent_done(s: AsyncSession, task: Task) -> None:
+    """The task's agent no longer works on it (found by its unique name, not by a scan)."""
+    if task.agent:
+        await s.execute(
+            update(Agent)
+            .where(Agent.name == task.agent, Agent.current_task_id == task.id)
+            .values(current_task_id=None)
+        )
+
+
 @retry_on_disconnect
 async def set_priority(ctx: FarmContext, job_id: str, priority: int) -> None:
     """Change a job's priority. Its tasks not yet dispatched follow it at once: only a few
@@ -582,7 +592,7 @@ async def finish_task(ctx: FarmContext, task_id: str, result: TaskResult) -> dic
         task.finished_at, task.lease_id, task.lease_expires_at = utcnow(), None, None
         job = await s.get(Job, task.job_id)
         changed = await _refresh_job_state(s, job)
-        await s.execute(update(Agent).where(Agent.current_task_id == task_id).values(current_task_id=None))
+        await _agent_done(s, task)
         await s.commit()
         out = {"task_id": task_id, "state": state, "message": message}
         if not changed and job.state not in sm.FINISHED:
@@ -635,7 +645,7 @@ async def release_task(ctx: FarmContext, task_id: str, lease_id: str) -> dict[st
         task.attempts = max(0, task.attempts - 1)
         task.lease_id = task.lease_expires_at = task.current_frame = task.dispatched_at = None
         changed = await _refresh_job_state(s, job)
-        await s.execute(update(Agent).where(Agent.current_task_id == task_id).values(current_task_id=None))
+        await _agent_done(s, task)
         await s.commit()
     await ctx.wake_dispatcher()
     await status_of(ctx).tasks([task])
