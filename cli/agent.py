@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ import aiohttp
 from node_agent.agent import NodeAgent, ServerError
 from node_agent.capabilities import detect
 from node_agent.executor.local import LocalExecutor
+from node_agent.inputs import InputCache
 from server.broker import open_broker
 from server.config import DEFAULT_DATA_DIR, redact_url
 
@@ -44,26 +43,25 @@ async def run_agent(
     assert me is not None
     for sig in (signal.SIGINT, signal.SIGTERM):  # from the start: also while registering
         loop.add_signal_handler(sig, me.cancel)
-    name = name or f"{socket.gethostname()}-{os.getpid()}"
     try:
-        await _serve(server, token, broker_url, name, pool, tags, work_dir, blender, console)
+        name = await _serve(server, token, broker_url, name, pool, tags, work_dir, blender, console)
     except asyncio.CancelledError:
         pass
-    console.print(f"agent {name} stopped")
+    console.print(f"agent {name or ''} stopped")
 
 
 async def _serve(
     server: str,
     token: str,
     broker_url: str | None,
-    name: str,
+    name: str | None,
     pool: str,
     tags: list[str],
     work_dir: Path | None,
     blender: str | None,
     console: Any,
-) -> None:
-    work = work_dir or DEFAULT_DATA_DIR / f"agent-{name}"
+) -> str:
+    work = work_dir or DEFAULT_DATA_DIR / "agent"  # replaced by agent-<name> once the name is known
     caps = detect(blender, tags)
     agent = NodeAgent(
         server,
@@ -84,6 +82,10 @@ async def _serve(
             raise ValueError(f"cannot register with {server}: {exc.message or exc}") from None
         finally:
             agent._http = None
+    name = agent.name
+    if work_dir is None:
+        agent.work_dir = DEFAULT_DATA_DIR / f"agent-{name}"
+        agent.inputs = InputCache(agent.work_dir / "inputs")
     url = broker_url or reg.get("broker_url")
     if not url:
         raise ValueError(
@@ -106,3 +108,4 @@ async def _serve(
         await agent.run()  # until SIGINT/SIGTERM cancels it (a task in progress is handed back)
     finally:
         await broker.close()
+    return name

@@ -47,11 +47,19 @@ class FarmClient:
 
     Args:
         server: base URL, e.g. ``http://127.0.0.1:3000``.
+        token: a bearer token (personal API token or access token) sent to this server only,
+            never to the object-store links it hands out.
     """
 
-    def __init__(self, server: str) -> None:
+    def __init__(self, server: str, token: str | None = None) -> None:
         self.server = server.rstrip("/")
+        self.token = token
         self._http: aiohttp.ClientSession | None = None
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """The ``Authorization`` header for requests to the server (empty without a token)."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     async def __aenter__(self) -> FarmClient:
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
@@ -70,6 +78,7 @@ class FarmClient:
 
     async def _json(self, method: str, path: str, **kw: Any) -> Any:
         try:
+            kw["headers"] = {**self.auth, **(kw.get("headers") or {})}
             async with self.http.request(method, self.server + path, **kw) as resp:
                 try:
                     body = await resp.json(content_type=None)
@@ -141,7 +150,9 @@ class FarmClient:
         """
         url = f"{self.server}/api/jobs/{_q(job_id)}/events"
         try:
-            async with self.http.get(url, timeout=aiohttp.ClientTimeout(sock_read=60)) as resp:
+            async with self.http.get(
+                url, headers=self.auth, timeout=aiohttp.ClientTimeout(sock_read=60)
+            ) as resp:
                 if resp.status >= 400:
                     body = await resp.json(content_type=None)
                     err = (body or {}).get("error", {})
@@ -219,7 +230,7 @@ class FarmClient:
             try:
                 url = f["url"]
                 if url.startswith("/"):
-                    req = self.http.get(self.server + url)
+                    req = self.http.get(self.server + url, headers=self.auth)
                 else:  # a presigned object-store link: used exactly as signed, with no credentials of ours
                     req = self.http.get(yarl.URL(url, encoded=True))
                 async with req as resp:

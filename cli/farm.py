@@ -18,6 +18,7 @@ from node_agent.capabilities import detect
 from node_agent.executor.base import BlenderRun
 from node_agent.executor.local import LocalExecutor
 from server.app import create_app
+from server.auth.service import local_agent_token
 from server.config import Settings
 from server.context import FarmContext
 from templates import template_path
@@ -67,13 +68,14 @@ async def running_farm(
         node_tasks = []
         caps = detect(settings.blender) if agents else {}
         for i in range(agents):
+            name = f"{socket.gethostname()}-local-{i + 1}"
             agent = NodeAgent(
                 url,
-                ctx.agent_token,
+                await local_agent_token(ctx, name),
                 ctx.broker,
                 settings.data_dir / "agents" / f"agent-{i + 1}",
                 LocalExecutor(settings.blender),
-                name=f"{socket.gethostname()}-local-{i + 1}",
+                name=name,
                 capabilities=caps,
                 replace=True,
             )

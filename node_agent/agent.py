@@ -24,9 +24,7 @@ import contextlib
 import importlib.metadata
 import json
 import logging
-import os
 import shutil
-import socket
 import time
 import uuid
 from collections import deque
@@ -95,11 +93,12 @@ class NodeAgent:
 
     Args:
         server_url: base URL of the API, e.g. ``http://127.0.0.1:3000``.
-        token: the farm's agent token.
+        token: this agent's token (``renderfarm token create --agent NAME``).
         broker: where task messages come from (see module docstring).
         work_dir: holds the input cache and one folder per attempt.
         executor: runs Blender (:class:`node_agent.executor.local.LocalExecutor`).
-        name: shown in the API as the task's agent; defaults to ``<host>-<pid>``.
+        name: the agent's name, which must be the one its token is bound to; by default the
+            agent learns it from the server when it registers.
         pool: the capability pool whose queue it consumes.
         capabilities: what it advertises when it registers (see :mod:`node_agent.capabilities`).
         register: register with the server and heartbeat every ``heartbeat_s`` seconds.
@@ -125,7 +124,8 @@ class NodeAgent:
         self.broker = broker
         self.work_dir = Path(work_dir)
         self.executor = executor
-        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.name = name or ""
+        """The agent's name: the one its agent token is bound to (learnt at registration when not given)."""
         self.inputs = InputCache(self.work_dir / "inputs")
         self.pool = pool
         self.capabilities = capabilities if capabilities is not None else {}
@@ -178,7 +178,7 @@ class NodeAgent:
                     "POST",
                     "/api/agent/register",
                     json={
-                        "name": self.name,
+                        **({"name": self.name} if self.name else {}),
                         "pool": self.pool,
                         "capabilities": self.capabilities,
                         "version": _version(),
@@ -186,6 +186,7 @@ class NodeAgent:
                         "replace": self.replace,
                     },
                 )
+                self.name = self.registration["agent"]["name"]
                 return self.registration
             except ServerError as exc:
                 if 400 <= exc.status < 500 and exc.status != 409:

@@ -6,10 +6,12 @@ import logging
 
 from aiohttp import web
 
-from server.api import agent, jobs, meta, models, nodes, outputs  # noqa: F401  (modules register their routes)
+from server.api import accounts, agent, jobs, meta, models, nodes, outputs  # noqa: F401  (modules register their routes)
 from server.api import metrics as _metrics_routes  # noqa: F401  (GET /metrics)
-from server.api.middleware import CTX, errors_middleware, origin_middleware, permission_middleware
+from server.api.access import auth_middleware
+from server.api.middleware import CTX, errors_middleware, origin_middleware
 from server.api.registry import add_routes
+from server.auth.service import BOOTSTRAP_ADMIN, bootstrap_admin
 from server.context import FarmContext
 from server.metrics import metrics_for
 from server.scheduler import Scheduler
@@ -17,6 +19,18 @@ from server.scheduler.dispatcher import forget_dispatches
 from server.scheduler.reconciler import reconcile_cache
 
 log = logging.getLogger(__name__)
+
+
+def announce_admin(ctx: FarmContext, password: str) -> None:
+    """Print the first admin's generated password, once, on the server's standard output."""
+    path = ctx.settings.data_dir / "secrets" / "initial-admin-password"
+    print(
+        f"renderfarm: created the first admin, user {BOOTSTRAP_ADMIN!r}, password {password}\n"
+        f"renderfarm: (also in {path}, readable by you only; change it with `renderfarm user set-password`)",
+        flush=True,
+    )
+
+
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 
 
@@ -28,7 +42,7 @@ def create_app(ctx: FarmContext, *, run_scheduler: bool = True) -> web.Applicati
         run_scheduler: start the outbox relay and the timeout checker with the app.
     """
     app = web.Application(
-        middlewares=[errors_middleware, origin_middleware, permission_middleware],
+        middlewares=[errors_middleware, origin_middleware, auth_middleware],
         client_max_size=ctx.settings.limits.max_upload_bytes,
     )
     app[CTX] = ctx
@@ -37,6 +51,9 @@ def create_app(ctx: FarmContext, *, run_scheduler: bool = True) -> web.Applicati
 
     async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
         await ctx.db.create_all()
+        password = await bootstrap_admin(ctx)
+        if password is not None:
+            announce_admin(ctx, password)
         if getattr(ctx.broker, "durable", True) is False:
             n = await forget_dispatches(ctx)
             if n:

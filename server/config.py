@@ -52,8 +52,16 @@ class Settings:
         loopback_only: the API listens on a loopback address only, so requests naming
             another host (DNS rebinding) are refused.
         limits: size and archive caps for uploaded models.
-        agent_token: the token node agents present; empty means one generated and kept in
-            ``data_dir/secrets/agent-token`` (a farm of several servers sets the same one on each).
+        jwt_keys: keys signing access tokens, ``kid:secret`` pairs separated by commas; the
+            first signs, every one verifies (so a key can be rotated in, then the old one
+            retired). Empty means one generated and kept in ``data_dir/secrets/jwt-key``; a farm
+            of several servers sets the same value on each. Secrets have at least 32 characters.
+        access_token_ttl_s: life of an access token, in seconds (default 15 minutes).
+        refresh_token_ttl_s: life of a refresh token, in seconds (default 30 days).
+        login_max_failures: failed logins of one account within ``login_window_s`` after
+            which its logins are refused with 429 until the window moves on.
+        login_max_failures_ip: the same, counted per client IP address.
+        login_window_s: the throttling window, in seconds.
         signing_key: key of signed download URLs; empty means one kept in ``data_dir/secrets``.
         agent_broker_url: the broker URL handed to agents that register (default: ``broker_url``;
             set it when agents reach the broker by another name or with other credentials).
@@ -78,7 +86,12 @@ class Settings:
     blender: str | None = None
     loopback_only: bool = False
     limits: ModelLimits = field(default_factory=ModelLimits)
-    agent_token: str = field(default="", repr=False)
+    jwt_keys: str = field(default="", repr=False)
+    access_token_ttl_s: float = 900.0
+    refresh_token_ttl_s: float = 30 * 86400.0
+    login_max_failures: int = 5
+    login_max_failures_ip: int = 20
+    login_window_s: float = 900.0
     signing_key: str = field(default="", repr=False)
     agent_broker_url: str = field(default="", repr=False)
     dispatch_window: int = 0
@@ -110,6 +123,12 @@ class Settings:
                 f"setting heartbeat_s ({self.heartbeat_s:g}) must be above 0 and at most half of "
                 f"lease_s ({self.lease_s:g}), so that a live agent never loses its lease"
             )
+        if self.access_token_ttl_s < 10 or self.refresh_token_ttl_s < self.access_token_ttl_s:
+            raise ValueError(
+                "setting access_token_ttl_s must be at least 10 s and refresh_token_ttl_s at least as long"
+            )
+        if self.login_max_failures < 1 or self.login_max_failures_ip < 1 or self.login_window_s < 1:
+            raise ValueError("settings login_max_failures(_ip) and login_window_s must be at least 1")
         if self.dispatch_window < 0 or self.reconcile_s <= 0 or self.status_interval_s < 0:
             raise ValueError(
                 "settings dispatch_window and status_interval_s must not be negative, reconcile_s above 0"
@@ -157,9 +176,29 @@ class Settings:
         os.write(fd, str(os.getpid()).encode())
         return fd
 
-    def token(self) -> str:
-        """The agent token: ``agent_token`` if set, else the one kept in the data folder."""
-        return self.agent_token or self.secret("agent-token")
+    def jwt_keyring(self) -> tuple[str, dict[str, str]]:
+        """``(kid that signs, {kid: secret})`` from ``jwt_keys``, else one key kept in the data folder.
+
+        Raises:
+            ValueError: naming ``jwt_keys`` when a pair is not ``kid:secret``, a kid repeats or is
+                not ``[A-Za-z0-9_.-]``, or a secret is shorter than 32 characters (RFC 7518 3.2
+                wants a key at least as long as the HS256 hash, 256 bits).
+        """
+        if not self.jwt_keys.strip():
+            return "local", {"local": self.secret("jwt-key")}
+        keys: dict[str, str] = {}
+        first = ""
+        for pair in self.jwt_keys.split(","):
+            kid, sep, secret = pair.strip().partition(":")
+            if not sep or not kid or not all(c.isascii() and (c.isalnum() or c in "_.-") for c in kid):
+                raise ValueError("setting jwt_keys must be kid:secret pairs separated by commas")
+            if kid in keys:
+                raise ValueError(f"setting jwt_keys names key id {kid!r} twice")
+            if len(secret) < 32:
+                raise ValueError(f"setting jwt_keys: the secret of key {kid!r} is shorter than 32 characters")
+            keys[kid] = secret
+            first = first or kid
+        return first, keys
 
     def signing_secret(self) -> str:
         """The signing key of download URLs: ``signing_key`` if set, else one kept in the data folder."""
@@ -178,7 +217,7 @@ class Settings:
         return path.read_text().strip()
 
 
-SECRET_FIELDS = frozenset({"agent_token", "signing_key"})
+SECRET_FIELDS = frozenset({"jwt_keys", "signing_key"})
 """Settings never printed or logged."""
 _LOADABLE = {f.name: f.type for f in dataclasses.fields(Settings) if f.name not in ("limits",)}
 

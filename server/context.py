@@ -36,7 +36,6 @@ class FarmContext:
     broker: Broker
     cache: Cache
     storage: Storage
-    agent_token: str
     executor: Executor
     lock_fd: int = -1
     inspect_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
@@ -95,7 +94,6 @@ class FarmContext:
             broker=open_broker(settings.broker_url),
             cache=open_cache(settings.cache_url),
             storage=TrackedStorage(open_storage(settings.storage_url, settings.signing_secret())),
-            agent_token=settings.token(),
             executor=LocalExecutor(settings.blender),
             lock_fd=lock_fd,
         )

@@ -14,6 +14,7 @@ import pytest
 
 from cli.client import FarmClient
 from cli.farm import RunningFarm, free_port, make_sample_scene, running_farm
+from server.auth.service import create_agent_token, local_admin_token
 from server.config import Settings
 from tests.s3server import s3_endpoint  # noqa: F401  (a session fixture: moto's S3 server, started on demand)
 
@@ -40,11 +41,23 @@ def sample_blend(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Farm:
     """A running in-process farm and a client for it."""
 
-    def __init__(self, running: RunningFarm, client: FarmClient) -> None:
+    def __init__(self, running: RunningFarm, client: FarmClient, token: str) -> None:
         self.url = running.url
         self.ctx = running.ctx
         self.client = client
         self.settings = running.ctx.settings
+        self.token = token
+        """A personal token of the first admin (a manager of project ``default``); ``client`` sends it."""
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """The admin's ``Authorization`` header, for raw HTTP calls."""
+        return {"Authorization": f"Bearer {self.token}"}
+
+    async def agent_token(self, name: str) -> str:
+        """A new agent token bound to agent ``name``."""
+        _, token = await create_agent_token(self.ctx, name, "tests")
+        return token
 
 
 def farm_settings(data_dir: Path, backends: dict[str, Any] | None = None, **kw: object) -> Settings:
@@ -70,9 +83,10 @@ async def farm(
     settings = farm_settings(tmp_path / "farm", backends)
     stack = contextlib.AsyncExitStack()
     running = await stack.enter_async_context(running_farm(settings, port=free_port(), agents=agents))
-    client = await stack.enter_async_context(FarmClient(running.url))
+    token = await local_admin_token(running.ctx, "tests")
+    client = await stack.enter_async_context(FarmClient(running.url, token))
     try:
-        yield Farm(running, client)
+        yield Farm(running, client, token)
     finally:
         await stop_within(stack, 60)
 

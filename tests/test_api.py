@@ -20,8 +20,7 @@ pytestmark = pytest.mark.asyncio
 
 async def _req(farm: Farm, method: str, path: str, token: str | None = None, **kw):  # type: ignore[no-untyped-def]
     headers = kw.pop("headers", {})
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
+    headers["Authorization"] = f"Bearer {token or farm.token}"
     async with farm.client.http.request(method, farm.url + path, headers=headers, **kw) as r:
         return r.status, await r.json(content_type=None)
 

@@ -25,6 +25,7 @@ from server.persistence.migrate import (
     UnknownRevisionError,
     current_revision,
     head_revision,
+    initial_schema,
     schema_differences,
     upgrade,
 )
@@ -33,7 +34,20 @@ from server.persistence.tables import Base, Frame, Job, Model, Task
 from tests.mariadb import admin_connection, mariadb_url  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
-TABLES = {"models", "jobs", "tasks", "frames", "outbox", "agents"}
+TABLES = {
+    "models",
+    "jobs",
+    "tasks",
+    "frames",
+    "outbox",
+    "agents",
+    "users",
+    "projects",
+    "memberships",
+    "api_tokens",
+    "audit_log",
+    "audit_head",
+}
 
 
 @pytest.fixture(params=["sqlite", "mariadb"])
@@ -129,14 +143,22 @@ async def test_pre_migration_database_is_stamped(any_url: str) -> None:
     """A database made by the old create_all (no alembic_version) that matches is adopted, data kept."""
     db = Database(any_url)
     try:
-        async with db.engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
-        job_id, _ = await _job_with_tasks(db)
+        async with db.engine.begin() as conn:  # the tables as revision 0001 made them
+            await conn.run_sync(initial_schema().create_all)
+            await conn.execute(
+                text(
+                    "INSERT INTO models (id, filename, kind, main, sha256, size_bytes, storage_key, info, "
+                    "created_at) VALUES ('m1', 'a.blend', 'blend', 'a.blend', 'x', 1, 'k', '{}', "
+                    "'2026-01-01 00:00:00')"
+                )
+            )
+        job_id = "m1"
         assert await db.current_revision() is None
         assert await db.migrate() == head_revision()
         assert await db.current_revision() == head_revision()
         async with db.session() as s:
-            assert (await s.get(Job, job_id)) is not None
+            model = await s.get(Model, job_id)
+            assert model is not None and model.project_id is None  # kept, in no project: admins only
     finally:
         await db.close()
 
@@ -145,7 +167,7 @@ async def test_pre_migration_database_that_differs_is_refused(tmp_path: Path) ->
     db = Database(f"sqlite+aiosqlite:///{tmp_path / 'old.db'}")
     try:
         async with db.engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
+            await conn.run_sync(initial_schema().create_all)
             await conn.execute(text("ALTER TABLE jobs DROP COLUMN owner"))  # as before the owner column
         with pytest.raises(SchemaMismatchError) as err:
             await db.migrate()

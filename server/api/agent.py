@@ -8,6 +8,7 @@ from pathlib import Path
 from aiohttp import web
 
 from protocol.messages import TaskResult
+from server.api.access import principal_of
 from server.api.middleware import CTX, parse_body, parse_frame_param
 from server.api.registry import route
 from server.api.schemas import (
@@ -38,7 +39,7 @@ async def claim(request: web.Request) -> web.Response:
     """409 when the task is no longer wanted: the agent drops the message."""
     ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
     req = await parse_body(request, ClaimRequest)
-    spec = await service.claim_task(ctx, request.match_info["task_id"], req.agent)
+    spec = await service.claim_task(ctx, request.match_info["task_id"], _own_name(request, req.agent))
     return web.json_response(spec.to_dict())
 
 
@@ -48,6 +49,7 @@ async def claim(request: web.Request) -> web.Response:
     permission="agent",
     body=HeartbeatRequest,
     summary="Extend the lease; 409 tells the agent to stop (canceled or requeued)",
+    audit=False,
 )
 async def heartbeat(request: web.Request) -> web.Response:
     """Keeps the lease alive."""
@@ -136,7 +138,13 @@ async def register(request: web.Request) -> web.Response:
     ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
     req = await parse_body(request, AgentRegister)
     out = await nodes.register(
-        ctx, req.name, req.pool, req.capabilities.model_dump(), req.version, req.instance, req.replace
+        ctx,
+        _own_name(request, req.name),
+        req.pool,
+        req.capabilities.model_dump(),
+        req.version,
+        req.instance,
+        req.replace,
     )
     return web.json_response(out)
 
@@ -148,9 +156,22 @@ async def register(request: web.Request) -> web.Response:
     body=AgentBeat,
     response=AgentOut,
     summary="The agent is alive (every heartbeat_s seconds), or going offline (stopping)",
+    audit=False,
 )
 async def agent_heartbeat(request: web.Request) -> web.Response:
     """404 tells the agent to register again."""
     ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
     req = await parse_body(request, AgentBeat)
-    return web.json_response(await nodes.beat(ctx, req.name, req.stopping))
+    return web.json_response(await nodes.beat(ctx, _own_name(request, req.name), req.stopping))
+
+
+def _own_name(request: web.Request, given: str | None) -> str:
+    """The calling agent's name: the one its token is bound to.
+
+    Raises:
+        ApiError: 403 when the body names another agent.
+    """
+    name = principal_of(request).name
+    if given is not None and given != name:
+        raise ApiError(403, f"this agent token belongs to agent {name!r}, not {given!r}", "name")
+    return name

@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy import select
 
+from server.api.access import principal_of
 from server.api.middleware import CTX, json_ok, parse_body
 from server.api.registry import route
 from server.api.schemas import JobCreate, JobList, JobSummary, JobUpdate, TaskList, TaskOut, TaskStatus
@@ -33,12 +34,14 @@ def _iso(dt: object) -> str | None:
     body=JobCreate,
     response=JobSummary,
     status=201,
+    scope="job-create",
 )
 async def create_job(request: web.Request) -> web.Response:
     """Validate and queue a job; its tasks are dispatched by the scheduler."""
     ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
     req = await parse_body(request, JobCreate)
-    job = await service.create_job(ctx, req.model_dump())
+    p = principal_of(request)
+    job = await service.create_job(ctx, req.model_dump() | {"owner": p.name, "owner_id": p.user_id})
     return web.json_response(await service.job_summary(ctx, job.id), status=201)
 
 
@@ -50,6 +53,7 @@ async def create_job(request: web.Request) -> web.Response:
     response=JobList,
     query={"state": "only jobs in this state", "limit": "at most this many (1-500, default 100)"},
     integer_query=("limit",),
+    scope="any",
 )
 async def list_jobs(request: web.Request) -> web.Response:
     """Newest jobs first, optionally filtered by state."""
@@ -61,6 +65,9 @@ async def list_jobs(request: web.Request) -> web.Response:
     if not 1 <= limit <= 500:
         raise ApiError(400, "limit must be between 1 and 500", "limit")
     q = select(Job.id).order_by(Job.created_at.desc()).limit(limit)
+    p = principal_of(request)
+    if not p.is_admin:
+        q = q.where(Job.project_id.in_(p.projects_with("job:read")))
     if state := request.query.get("state"):
         if state not in sm.TASK_STATES:
             raise ApiError(400, f"state must be one of {', '.join(sm.TASK_STATES)}, not {state!r}", "state")

@@ -1,8 +1,7 @@
-"""Error handling and permission checks for every request."""
+"""Error handling, origin checks and body parsing of every request (permissions: server.api.access)."""
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from typing import Any, TypeVar
@@ -44,20 +43,6 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(ApiError(500, "internal server error; see the server log"))
-
-
-@web.middleware
-async def permission_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Enforce the permission each route declared (see :mod:`server.api.registry`)."""
-    info = getattr(handler, "route_info", None)
-    if info is None:  # aiohttp's own handlers (404/405)
-        return await handler(request)
-    if info.permission == "agent":
-        token = request.app[CTX].agent_token  # type: ignore[attr-defined]
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            raise ApiError(401, "agent token missing or wrong (Authorization: Bearer <token>)")
-    return await handler(request)
 
 
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})

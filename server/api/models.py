@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy import select
 
+from server.api.access import principal_of, target_of
 from server.api.middleware import CTX, json_ok
 from server.api.registry import route
 from server.api.schemas import ModelList, ModelOut
@@ -39,6 +40,7 @@ def model_out(m: Model) -> ModelOut:
         size_bytes=m.size_bytes,
         created_at=m.created_at.isoformat() + "Z",
         info=m.info,
+        project_id=m.project_id,
     )
 
 
@@ -92,7 +94,12 @@ async def _receive(request: web.Request, dest: Path, max_bytes: int) -> tuple[st
     "(201; 200 with the earlier model when the same content was uploaded before)",
     request_content="application/octet-stream, multipart/form-data",
     response=ModelOut,
-    query={"filename": "name of the uploaded file (raw body)", "main": "the .blend to open inside a zip"},
+    query={
+        "filename": "name of the uploaded file (raw body)",
+        "main": "the .blend to open inside a zip",
+        "project": "the project (name or id) it belongs to; default the caller's only project",
+    },
+    scope="upload",
     status=201,
     also={200: "the same content was uploaded before: the earlier model"},
 )
@@ -104,7 +111,8 @@ async def upload_model(request: web.Request) -> web.Response:
     try:
         raw = work / "upload.bin"
         filename, size, sha = await _receive(request, raw, limits.max_upload_bytes)
-        existing = await _same_model(ctx, sha, request.query.get("main") or None)
+        project_id = target_of(request).project_id
+        existing = await _same_model(ctx, sha, request.query.get("main") or None, project_id)
         if existing is not None:  # the same bytes again: no second copy, no second inspection
             return json_ok(model_out(existing), status=200)
         try:
@@ -140,6 +148,8 @@ async def upload_model(request: web.Request) -> web.Response:
             size_bytes=size,
             storage_key=key,
             info=meta,
+            project_id=project_id,
+            owner_id=principal_of(request).user_id,
         )
         async with ctx.db.session() as s:
             s.add(row)
@@ -153,10 +163,13 @@ async def upload_model(request: web.Request) -> web.Response:
         await asyncio.to_thread(shutil.rmtree, work, True)
 
 
-async def _same_model(ctx: FarmContext, sha256: str, main: str | None) -> Model | None:
-    """An earlier upload of the same content that would open the same .blend, if any."""
+async def _same_model(
+    ctx: FarmContext, sha256: str, main: str | None, project_id: str | None
+) -> Model | None:
+    """An earlier upload to the same project of the same content that would open the same .blend, if any."""
     async with ctx.db.session() as s:
-        rows = (await s.scalars(select(Model).where(Model.sha256 == sha256).order_by(Model.created_at))).all()
+        q = select(Model).where(Model.sha256 == sha256, Model.project_id == project_id)
+        rows = (await s.scalars(q.order_by(Model.created_at))).all()
     for m in rows:
         if (main is None and m.kind == "blend") or (main is not None and main == m.main):
             return m
@@ -176,14 +189,19 @@ def _key_name(filename: str) -> str:
     "GET",
     "/api/models",
     permission="model:read",
-    summary="List uploaded models, newest first",
+    summary="List uploaded models of your projects, newest first",
     response=ModelList,
+    scope="any",
 )
 async def list_models(request: web.Request) -> web.Response:
     """Newest 200 models."""
     ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
+    p = principal_of(request)
+    q = select(Model).order_by(Model.created_at.desc()).limit(200)
+    if not p.is_admin:
+        q = q.where(Model.project_id.in_(p.projects_with("model:read")))
     async with ctx.db.session() as s:
-        rows = (await s.scalars(select(Model).order_by(Model.created_at.desc()).limit(200))).all()
+        rows = (await s.scalars(q)).all()
     return json_ok(ModelList(models=[model_out(m) for m in rows]))
 
 

@@ -1,12 +1,15 @@
 """Route registry: every route declares its permission and its schemas, from which OpenAPI is built.
 
-Permissions (enforced by :mod:`server.api.middleware`):
+Permissions and which role holds each are in :mod:`server.auth.permissions`; they are
+enforced for every route by :mod:`server.api.access` (through the auth middleware), on the
+object the route names: a route with ``{job_id}``, ``{task_id}``, ``{model_id}`` or
+``{project_id}`` in its path is checked against that object's project; other project
+routes declare their ``scope``:
 
-* ``public`` -- anyone (health, OpenAPI, signed file URLs that carry their own signature);
-* ``agent`` -- a node agent, with the farm's agent token as a Bearer token;
-* ``model:create``, ``model:read``, ``job:create``, ``job:read``, ``job:cancel``, ``job:update``,
-  ``output:read``, ``node:read`` -- user permissions. Until accounts and per-project roles land,
-  the embedded farm grants them to every caller and listens on 127.0.0.1 only.
+* ``any`` -- a list: the caller needs the permission in at least one project, and the
+  handler shows only those projects' objects;
+* ``upload`` -- the project named by the ``project`` query parameter (or the caller's only one);
+* ``job-create`` -- the project of the model named in the body.
 """
 
 from __future__ import annotations
@@ -18,19 +21,16 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
+from server.auth.permissions import ADMIN_PERMISSIONS, PERMISSIONS, PROJECT_PERMISSIONS
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-PERMISSIONS = (
-    "public",
-    "agent",
-    "model:create",
-    "model:read",
-    "job:create",
-    "job:read",
-    "job:cancel",
-    "job:update",
-    "output:read",
-    "node:read",
+SCOPES = ("any", "upload", "job-create", "job", "task", "model", "project")
+PATH_SCOPES = (
+    ("{job_id}", "job"),
+    ("{task_id}", "task"),
+    ("{model_id}", "model"),
+    ("{project_id}", "project"),
 )
 
 
@@ -51,6 +51,14 @@ class RouteInfo:
     also: dict[int, str] = field(default_factory=dict)
     """Other success statuses and what they mean (e.g. 200 for an upload seen before)."""
     integer_query: tuple[str, ...] = ()
+    scope: str | None = None
+    """What object the permission is checked on (see the module docstring); None for
+    ``public``, ``agent``, ``self`` and admin permissions."""
+    audit: bool = True
+    """Audit state-changing calls of this route (False only for lease renewals, which change
+    nothing but an expiry time, and for routes that write their own audit rows)."""
+    action: str = ""
+    """The audit action name, e.g. ``jobs.cancel_job`` (the handler's module and name)."""
 
 
 ROUTES: list[tuple[RouteInfo, Handler]] = []
@@ -66,9 +74,22 @@ def route(
     """
     if permission not in PERMISSIONS:
         raise ValueError(f"unknown permission {permission!r} on {method} {path}")
+    scope = kw.pop("scope", None)
+    if permission in PROJECT_PERMISSIONS and permission != "node:read":
+        for param, kind in PATH_SCOPES:
+            if scope is None and param in path:
+                scope = kind
+        if scope not in SCOPES:
+            raise ValueError(f"{method} {path}: permission {permission!r} needs a scope (one of {SCOPES})")
+    elif permission == "node:read":
+        scope = "any"
+    elif permission not in ADMIN_PERMISSIONS and scope is not None:
+        raise ValueError(f"{method} {path}: permission {permission!r} takes no scope")
 
     def deco(fn: Handler) -> Handler:
-        info = RouteInfo(method, path, permission, summary, **kw)
+        module = fn.__module__.rsplit(".", 1)[-1]
+        kw.setdefault("action", f"{module}.{fn.__name__}")
+        info = RouteInfo(method, path, permission, summary, scope=scope, **kw)
         fn.route_info = info  # type: ignore[attr-defined]
         ROUTES.append((info, fn))
         return fn

@@ -67,6 +67,8 @@ class JobSummary(BaseModel):
     chunk_size: int
     priority: int
     pool: str
+    owner: str = Field(description="user name of who submitted it")
+    project_id: str | None
     scene: str | None
     overrides: dict[str, Any]
     tasks: dict[str, int]
@@ -131,6 +133,7 @@ class ModelOut(BaseModel):
     size_bytes: int
     created_at: str
     info: dict[str, Any]
+    project_id: str | None = None
 
 
 class ModelList(BaseModel):
@@ -161,7 +164,9 @@ class OutputList(BaseModel):
 class ClaimRequest(_Strict):
     """Agent: claim a task it received from the broker."""
 
-    agent: str = Field(min_length=1, max_length=255)
+    agent: str | None = Field(
+        None, min_length=1, max_length=255, description="the agent's name; if given, that of its token"
+    )
 
 
 class HeartbeatRequest(_Strict):
@@ -203,7 +208,13 @@ class AgentCapabilities(BaseModel):
 class AgentRegister(_Strict):
     """``POST /api/agent/register``."""
 
-    name: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")
+    name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=255,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$",
+        description="the name its agent token is bound to (the default); another name is refused",
+    )
     pool: str = Field("default", min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9:_-]*$")
     capabilities: AgentCapabilities = Field(default_factory=AgentCapabilities)
     version: str = Field("", max_length=64)
@@ -216,7 +227,7 @@ class AgentRegister(_Strict):
 class AgentBeat(_Strict):
     """``POST /api/agent/heartbeat``: the agent is alive, or (``stopping``) going offline."""
 
-    name: str = Field(min_length=1, max_length=255)
+    name: str | None = Field(None, min_length=1, max_length=255)
     stopping: StrictBool = False
 
 

@@ -58,7 +58,8 @@ async def create_job(ctx: FarmContext, req: dict[str, Any]) -> Job:
     Args:
         req: validated request fields (``server.api.schemas.JobCreate``): model_id, frames,
             chunk_size, priority, scene, name and the overrides (camera, engine, samples,
-            resolution_percentage, resolution_x, resolution_y, output_format).
+            resolution_percentage, resolution_x, resolution_y, output_format), plus ``owner``
+            (user name) and ``owner_id``. The job belongs to the model's project.
 
     Raises:
         ApiError: 404 for an unknown model; 400 naming ``frames`` (with the bad token),
@@ -91,6 +92,8 @@ async def create_job(ctx: FarmContext, req: dict[str, Any]) -> Job:
             scene=scene,
             overrides=overrides,
             owner=req.get("owner") or "",
+            owner_id=req.get("owner_id"),
+            project_id=model.project_id,
             pool=req.get("pool") or DEFAULT_POOL,
         )
         s.add(job)
@@ -284,6 +287,8 @@ async def job_summary(ctx: FarmContext, job_id: str, session: AsyncSession | Non
         "chunk_size": job.chunk_size,
         "priority": job.priority,
         "pool": job.pool,
+        "owner": job.owner,
+        "project_id": job.project_id,
         "scene": job.scene,
         "overrides": job.overrides,
         "tasks": counts,

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Double,
     ForeignKey,
@@ -66,6 +67,10 @@ class Model(Base):
     storage_key: Mapped[str] = mapped_column(String(255))
     info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    project_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    """The project the model belongs to (None only for rows made before projects existed: admins only)."""
+    owner_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    """The user who uploaded it."""
 
 
 class Job(Base):
@@ -81,7 +86,11 @@ class Job(Base):
     chunk_size: Mapped[int] = mapped_column(Integer)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     owner: Mapped[str] = mapped_column(String(255), default="")
-    """Who submitted the job (the dispatcher is fair between owners)."""
+    """Who submitted the job, by user name (the dispatcher is fair between owners)."""
+    owner_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    """The submitting user's id (an artist manages the jobs whose ``owner_id`` is theirs)."""
+    project_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    """The project of the job's model; its members see the job, others get 404."""
     pool: Mapped[str] = mapped_column(String(64), default=DEFAULT_POOL)
     """The capability pool whose agents may render it."""
     scene: Mapped[str | None] = mapped_column(String(255), nullable=True)
@@ -171,3 +180,94 @@ class Agent(Base):
     current_task_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     registered_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class User(Base):
+    """A person who logs in. Passwords are argon2id hashes (argon2-cffi)."""
+
+    __tablename__ = "users"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    disabled_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    token_version: Mapped[int] = mapped_column(Integer, default=0)
+    """Bumped when the password changes or the user is disabled: older access tokens stop working."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Project(Base):
+    """A project: models and jobs belong to one; users hold a role in it."""
+
+    __tablename__ = "projects"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Membership(Base):
+    """A user's role (``manager``, ``artist`` or ``viewer``) in one project."""
+
+    __tablename__ = "memberships"
+    __table_args__ = (UniqueConstraint("project_id", "user_id", name="uq_memberships_project_user"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+
+
+class ApiToken(Base):
+    """An opaque token, stored as its SHA-256 only: ``personal`` (CLI, add-on), ``agent`` or ``refresh``.
+
+    Refresh tokens of one login share a ``family_id``; using one marks it ``used_at`` and
+    issues the next, and presenting a used one revokes the whole family.
+    """
+
+    __tablename__ = "api_tokens"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    kind: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[str | None] = mapped_column(ForeignKey("users.id"), nullable=True, index=True)
+    agent_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    name: Mapped[str] = mapped_column(String(255), default="")
+    family_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    created_by: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    used_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class AuditEntry(Base):
+    """One audit row. Append-only; ``hash`` is SHA-256 over ``prev_hash`` and the row's fields."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        Index("ix_audit_action_actor_at", "action", "actor", "at"),
+        Index("ix_audit_action_ip_at", "action", "ip", "at"),
+        Index("ix_audit_at", "at"),
+    )
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    actor: Mapped[str] = mapped_column(String(255), default="")
+    actor_kind: Mapped[str] = mapped_column(String(16), default="anonymous")
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(255), default="")
+    project_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    ip: Mapped[str] = mapped_column(String(64), default="")
+    user_agent: Mapped[str] = mapped_column(String(255), default="")
+    outcome: Mapped[str] = mapped_column(String(16))
+    status: Mapped[int] = mapped_column(Integer, default=0)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHead(Base):
+    """The single row (``id`` 1) holding the last audit ``seq`` and ``hash``; appends lock it in turn."""
+
+    __tablename__ = "audit_head"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    hash: Mapped[str] = mapped_column(String(64))
