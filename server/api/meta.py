@@ -14,6 +14,7 @@ from protocol.messages import TASK_QUEUE
 from server.api.middleware import CTX
 from server.api.registry import ROUTES, route
 from server.api.schemas import ErrorBody
+from server.auth.permissions import roles_with
 from server.context import FarmContext
 
 
@@ -124,8 +125,9 @@ def build_openapi() -> dict[str, Any]:
         op["responses"][str(info.status)] = ok
         for code, why in info.also.items():
             op["responses"][str(code)] = {**ok, "description": why}
-        if info.permission == "agent":
-            op["security"] = [{"agentToken": []}]
+        op["security"], op["x-roles"] = _security(info.permission)
+        if info.scope:
+            op["x-scope"] = info.scope
         if info.body is not None:
             op["requestBody"] = {
                 "required": True,
@@ -150,20 +152,49 @@ def build_openapi() -> dict[str, Any]:
         "info": {
             "title": "renderfarm",
             "version": "0.1.0",
-            "description": "Render farm for Blender. Each operation's x-permission names what it needs.",
+            "description": "Render farm for Blender. Each operation's `x-permission` names the permission "
+            "it needs and `x-roles` the roles that hold it (`admin` is global; `manager`, `artist` and "
+            "`viewer` are held per project, and `(own)` means on the caller's own jobs only). An object "
+            "of a project the caller has no role in answers 404.",
         },
         "paths": paths,
         "components": {
             "schemas": schemas,
             "securitySchemes": {
+                "accessToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "JWT",
+                    "description": "a 15-minute access token from POST /api/auth/login or /api/auth/refresh "
+                    "(HS256, with kid)",
+                },
+                "apiToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "a personal API token (rfp_...) from POST /api/tokens or "
+                    "`renderfarm login`",
+                },
                 "agentToken": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "the farm's agent token (DATA_DIR/secrets/agent-token)",
-                }
+                    "description": "an agent token (rfa_...) bound to one agent name, from "
+                    "POST /api/agent-tokens or `renderfarm token create --agent NAME`",
+                },
             },
         },
     }
+
+
+def _security(permission: str) -> tuple[list[dict[str, list[str]]], list[str]]:
+    """The OpenAPI ``security`` of a permission, and the roles that hold it."""
+    if permission == "public":
+        return [], []
+    if permission == "agent":
+        return [{"agentToken": []}], ["agent"]
+    user = [{"accessToken": []}, {"apiToken": []}]
+    if permission == "self":
+        return user, ["any user"]
+    return user, roles_with(permission)
 
 
 def _path_params(path: str) -> list[str]:
