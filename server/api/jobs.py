@@ -10,10 +10,12 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy import select
 
-from server.api.access import principal_of
+from server.api.access import principal_of, target_of
 from server.api.middleware import CTX, json_ok, parse_body
 from server.api.registry import route
 from server.api.schemas import JobCreate, JobList, JobSummary, JobUpdate, TaskList, TaskOut, TaskStatus
+from server.auth.permissions import allows
+from server.auth.service import authenticate
 from server.context import FarmContext
 from server.errors import ApiError, not_found
 from server.jobs import service
@@ -133,6 +135,8 @@ async def job_events(request: web.Request) -> web.StreamResponse:
             try:
                 event = await asyncio.wait_for(sub.__anext__(), RESYNC_S)
             except TimeoutError:
+                if not await _still_allowed(request):
+                    break
                 event = {"type": "job", "job": await service.job_summary(ctx, job_id)}
             except StopAsyncIteration:
                 break
@@ -140,6 +144,17 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         return resp
     finally:
         await sub.aclose()
+
+
+async def _still_allowed(request: web.Request) -> bool:
+    """Whether the caller of a long-lived stream may still read the job: its token not revoked,
+    the user not disabled, the role in the job's project kept (checked at every resync)."""
+    ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
+    try:
+        p = await authenticate(ctx, request.headers.get("Authorization"))
+    except ApiError:
+        return False
+    return allows(p.role_in(target_of(request).project_id), "job:read", owns=False)
 
 
 RESYNC_S = 5.0
