@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from typing import Any
 
 from aiohttp import web
@@ -127,16 +128,19 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         )
         await resp.prepare(request)
         event: dict[str, Any] = {"type": "job", "job": summary}
+        checked = time.monotonic()
         while True:
             data = json.dumps(event, separators=(",", ":"))
             await resp.write(f"event: {event.get('type', 'message')}\ndata: {data}\n\n".encode())
             if event.get("type") == "job" and event["job"].get("state") in sm.FINISHED:
                 break
+            if time.monotonic() - checked > RESYNC_S:
+                if not await _still_allowed(request):
+                    break
+                checked = time.monotonic()
             try:
                 event = await asyncio.wait_for(sub.__anext__(), RESYNC_S)
             except TimeoutError:
-                if not await _still_allowed(request):
-                    break
                 event = {"type": "job", "job": await service.job_summary(ctx, job_id)}
             except StopAsyncIteration:
                 break
