@@ -24,6 +24,7 @@ The target of the check is left in ``request["target"]`` (:class:`Target`) for t
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +91,37 @@ async def resolve_target(ctx: Any, request: web.Request, info: RouteInfo, p: Pri
     m = request.match_info
     if scope == "any" or scope is None:
         return None
+    ident = m.get(f"{scope}_id", "")
+    known = _owners(ctx).get((scope, ident)) if scope in ("job", "task", "model") else None
+    if known is not None:
+        return Target(scope, ident, *known)
+    target = await _resolve_target(ctx, request, info, p)
+    if target is not None and target.kind == scope and scope in ("job", "task", "model"):
+        _remember(ctx, (scope, ident), (target.project_id, target.owner_id))
+    return target
+
+
+OWNERS_CACHED = 100_000
+"""Job, task and model -> (project, owner) pairs remembered per process (they never change)."""
+
+
+def _owners(ctx: Any) -> OrderedDict[tuple[str, str], tuple[str | None, str | None]]:
+    cache = getattr(ctx, "_owners", None)
+    if cache is None:
+        cache = ctx._owners = OrderedDict()
+    return cache
+
+
+def _remember(ctx: Any, key: tuple[str, str], value: tuple[str | None, str | None]) -> None:
+    cache = _owners(ctx)
+    cache[key] = value
+    if len(cache) > OWNERS_CACHED:
+        cache.popitem(last=False)
+
+
+async def _resolve_target(ctx: Any, request: web.Request, info: RouteInfo, p: Principal) -> Target | None:
+    scope = info.scope
+    m = request.match_info
     async with ctx.db.session() as s:
         if scope == "job":
             row = (await s.execute(select(Job.project_id, Job.owner_id).where(Job.id == m["job_id"]))).first()

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -21,9 +22,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.auth import passwords
+from server.auth.cache import TTL_S, access_cache
 from server.auth.permissions import PROJECT_ROLES
 from server.auth.principal import Principal
-from server.auth.tokens import KeyRing, TokenError, new_opaque, opaque_kind, token_hash
+from server.auth.tokens import AccessClaims, KeyRing, TokenError, new_opaque, opaque_kind, token_hash
 from server.errors import ApiError
 from server.persistence.retry import run_in_tx
 from server.persistence.tables import ApiToken, Membership, Project, User, new_id, utcnow
@@ -170,7 +172,9 @@ async def update_user(
             raise ApiError(409, "the farm must keep at least one enabled admin", "user")
         return user
 
-    return await run_in_tx(ctx.db, tx)
+    user = await run_in_tx(ctx.db, tx)
+    await access_cache(ctx).bump()
+    return user
 
 
 async def change_own_password(ctx: Any, principal: Principal, current: str, new: str) -> None:
@@ -316,9 +320,11 @@ async def set_member(ctx: Any, project_id: str, user_ident: str, role: str) -> d
         return {"user": user.username, "user_id": user.id, "role": role}
 
     try:
-        return await run_in_tx(ctx.db, tx)
+        out = await run_in_tx(ctx.db, tx)
     except IntegrityError:  # a concurrent add of the same member: set the role again
-        return await run_in_tx(ctx.db, tx)
+        out = await run_in_tx(ctx.db, tx)
+    await access_cache(ctx).bump()
+    return out
 
 
 async def remove_member(ctx: Any, project_id: str, user_ident: str) -> None:
@@ -334,6 +340,7 @@ async def remove_member(ctx: Any, project_id: str, user_ident: str) -> None:
         await s.delete(m)
 
     await run_in_tx(ctx.db, tx)
+    await access_cache(ctx).bump()
 
 
 # ------------------------------------------------------------------ principals
@@ -372,10 +379,31 @@ async def authenticate(ctx: Any, authorization: str | None) -> Principal:
         )
     token = authorization[len("Bearer ") :].strip()
     kind = opaque_kind(token)
-    if kind is None:
-        return await _jwt_principal(ctx, token)
     if kind == "refresh":
         raise ApiError(401, "a refresh token cannot call the API; exchange it at /api/auth/refresh")
+    claims = None
+    if kind is None:
+        try:
+            claims = keyring(ctx).verify_access(token)  # signature and expiry: on every request
+        except TokenError as exc:
+            raise ApiError(401, str(exc)) from None
+    cache = access_cache(ctx)
+    key = token_hash(token)
+    epoch = await cache.epoch()  # read before resolving: a change meanwhile makes the entry stale
+    hit = cache.get(key, epoch)
+    if hit is not None:
+        return hit
+    if claims is not None:
+        principal = await _jwt_principal(ctx, claims)
+        cache.put(key, epoch, principal, claims.expires_at - time.time())
+        return principal
+    principal, expires_at = await _opaque_principal(ctx, token, kind)
+    ttl = (expires_at - utcnow()).total_seconds() if expires_at is not None else TTL_S
+    cache.put(key, epoch, principal, ttl)
+    return principal
+
+
+async def _opaque_principal(ctx: Any, token: str, kind: str) -> tuple[Principal, Any]:
     now = utcnow()
     async with ctx.db.session() as s:
         row = await s.scalar(select(ApiToken).where(ApiToken.token_hash == token_hash(token)))
@@ -389,18 +417,14 @@ async def authenticate(ctx: Any, authorization: str | None) -> Principal:
             await s.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now))
             await s.commit()
         if kind == "agent":
-            return Principal(kind="agent", name=row.agent_name or "", token_id=row.id)
+            return Principal(kind="agent", name=row.agent_name or "", token_id=row.id), row.expires_at
         user = await s.get(User, row.user_id) if row.user_id else None
         if user is None or user.disabled_at is not None:
             raise ApiError(401, "account disabled")
-        return await _user_principal(s, user, token_id=row.id)
+        return await _user_principal(s, user, token_id=row.id), row.expires_at
 
 
-async def _jwt_principal(ctx: Any, token: str) -> Principal:
-    try:
-        claims = keyring(ctx).verify_access(token)
-    except TokenError as exc:
-        raise ApiError(401, str(exc)) from None
+async def _jwt_principal(ctx: Any, claims: AccessClaims) -> Principal:
     async with ctx.db.session() as s:
         user = await s.get(User, claims.user_id)
         if user is None or user.disabled_at is not None:
@@ -520,6 +544,7 @@ async def refresh(ctx: Any, refresh_token: str) -> tuple[Session, User]:
                 .values(revoked_at=utcnow())
             )
             await s.commit()
+            await access_cache(ctx).bump()
             raise RefreshReuse(row.user_id, row.family_id)
         user = await s.get(User, row.user_id)
         if user is None or user.disabled_at is not None:
@@ -545,6 +570,7 @@ async def logout(ctx: Any, principal: Principal, refresh_token: str | None) -> N
                 .values(revoked_at=utcnow())
             )
             await s.commit()
+            await access_cache(ctx).bump()
 
 
 # ------------------------------------------------------------------ personal and agent tokens
@@ -667,6 +693,7 @@ async def revoke_token(ctx: Any, principal: Principal, token_id: str) -> dict[st
         if row.revoked_at is None:
             row.revoked_at = utcnow()
             await s.commit()
+            await access_cache(ctx).bump()
         return token_out(row)
 
 
@@ -689,6 +716,7 @@ async def local_agent_token(ctx: Any, agent_name: str) -> str:
             .values(revoked_at=utcnow())
         )
         await s.commit()
+    await access_cache(ctx).bump()
     _, token = await create_agent_token(ctx, agent_name, LOCAL, f"local agent {agent_name}")
     return token
 
