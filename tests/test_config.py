@@ -122,7 +122,7 @@ def test_missing_or_broken_config_file_is_named(tmp_path: Path) -> None:
 
 
 def test_secrets_are_not_in_the_repr(tmp_path: Path) -> None:
-    s = Settings(data_dir=tmp_path, agent_token="tok-SECRET", signing_key="key-SECRET")
+    s = Settings(data_dir=tmp_path, jwt_keys="k1:" + "jwt-SECRET" * 4, signing_key="key-SECRET")
     assert "SECRET" not in repr(s)
 
 
