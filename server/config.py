@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import ipaddress
 import math
 import os
 import secrets
@@ -62,6 +63,10 @@ class Settings:
             which its logins are refused with 429 until the window moves on.
         login_max_failures_ip: the same, counted per client IP address.
         login_window_s: the throttling window, in seconds.
+        trusted_proxies: addresses or networks (``10.0.0.5, 10.1.0.0/16``) of reverse proxies
+            in front of the servers; a request from one of them is taken to come from the last
+            address in its ``X-Forwarded-For`` that is not a trusted proxy (for login
+            throttling and the audit log). Empty: the peer address is the client's.
         signing_key: key of signed download URLs; empty means one kept in ``data_dir/secrets``.
         agent_broker_url: the broker URL handed to agents that register (default: ``broker_url``;
             set it when agents reach the broker by another name or with other credentials).
@@ -92,6 +97,7 @@ class Settings:
     login_max_failures: int = 5
     login_max_failures_ip: int = 20
     login_window_s: float = 900.0
+    trusted_proxies: str = ""
     signing_key: str = field(default="", repr=False)
     agent_broker_url: str = field(default="", repr=False)
     dispatch_window: int = 0
@@ -129,6 +135,10 @@ class Settings:
             )
         if self.login_max_failures < 1 or self.login_max_failures_ip < 1 or self.login_window_s < 1:
             raise ValueError("settings login_max_failures(_ip) and login_window_s must be at least 1")
+        try:
+            self.proxy_networks()
+        except ValueError as exc:
+            raise ValueError(f"setting trusted_proxies: {exc}") from None
         if self.dispatch_window < 0 or self.reconcile_s <= 0 or self.status_interval_s < 0:
             raise ValueError(
                 "settings dispatch_window and status_interval_s must not be negative, reconcile_s above 0"
@@ -175,6 +185,14 @@ class Settings:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         return fd
+
+    def proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """``trusted_proxies`` parsed. Raises ValueError naming an entry that is not an address or network."""
+        return [
+            ipaddress.ip_network(p.strip(), strict=False)
+            for p in self.trusted_proxies.split(",")
+            if p.strip()
+        ]
 
     def jwt_keyring(self) -> tuple[str, dict[str, str]]:
         """``(kid that signs, {kid: secret})`` from ``jwt_keys``, else one key kept in the data folder.

@@ -23,6 +23,7 @@ The target of the check is left in ``request["target"]`` (:class:`Target`) for t
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -264,8 +265,36 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
 
 
 def client_of(request: web.Request) -> tuple[str, str]:
-    """``(ip, user agent)`` of a request (the peer address; proxies are not trusted)."""
-    return request.remote or "", request.headers.get("User-Agent", "")[:255]
+    """``(ip, user agent)`` of a request.
+
+    The IP is the peer's address, unless the peer is one of the ``trusted_proxies``
+    (settings): then it is the last address of ``X-Forwarded-For`` (RFC 7239's
+    predecessor, as nginx and HAProxy append it) that is not a trusted proxy itself.
+    """
+    return client_ip(request), request.headers.get("User-Agent", "")[:255]
+
+
+def client_ip(request: web.Request) -> str:
+    """The client's address (see :func:`client_of`)."""
+    peer = request.remote or ""
+    networks = request.app[CTX].settings.proxy_networks()
+    if not networks or not _within(peer, networks):
+        return peer
+    hops = [
+        h.strip() for h in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",") if h.strip()
+    ]
+    for hop in reversed(hops):
+        if not _within(hop, networks):
+            return hop[:64]
+    return peer
+
+
+def _within(addr: str, networks: list[Any]) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return any(ip in n for n in networks)
 
 
 async def audit_request(

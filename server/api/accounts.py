@@ -7,7 +7,7 @@ import math
 from aiohttp import web
 from sqlalchemy import select
 
-from server.api.access import principal_of, record, target_of
+from server.api.access import client_ip, principal_of, record, target_of
 from server.api.auth_schemas import (
     AgentTokenCreate,
     LoginRequest,
@@ -55,7 +55,7 @@ async def login(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     req = await parse_body(request, LoginRequest)
     s = ctx.settings
-    ip = request.remote or ""
+    ip = client_ip(request)
     account, by_ip, retry_after = await audit_log.recent_failures(
         ctx, username=req.username, ip=ip, window_s=s.login_window_s
     )
