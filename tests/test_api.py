@@ -12,6 +12,7 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from server.api.registry import ROUTES
+from server.jobs import service as jobs_service
 from server.persistence.tables import Frame, Model
 from tests.conftest import REAL, Farm
 
@@ -19,8 +20,10 @@ pytestmark = pytest.mark.asyncio
 
 
 async def _req(farm: Farm, method: str, path: str, token: str | None = None, **kw):  # type: ignore[no-untyped-def]
+    """``(status, JSON body)`` of a request sent with ``token`` (default: the admin's; ``""``: none)."""
     headers = kw.pop("headers", {})
-    headers["Authorization"] = f"Bearer {token or farm.token}"
+    if token != "":
+        headers["Authorization"] = f"Bearer {token or farm.token}"
     async with farm.client.http.request(method, farm.url + path, headers=headers, **kw) as r:
         return r.status, await r.json(content_type=None)
 
@@ -148,12 +151,68 @@ async def test_upload_over_the_limit_is_413(farm: Farm) -> None:
     assert list(farm.settings.tmp_dir.iterdir()) == []
 
 
+async def _queued_task(farm: Farm) -> tuple[str, str]:
+    """``(job id, task id)`` of a new one-frame job, on a model row made without Blender."""
+    async with farm.ctx.db.session() as s:
+        m = Model(
+            filename="a.blend", kind="blend", main="a.blend", sha256="0" * 64, size_bytes=1, storage_key="k"
+        )
+        s.add(m)
+        await s.commit()
+        model_id = m.id
+    job = await jobs_service.create_job(farm.ctx, {"model_id": model_id, "frames": "1", "chunk_size": 1})
+    [task] = await farm.client.tasks(job.id)
+    return job.id, task["id"]
+
+
 @pytest.mark.agents(0)
 async def test_agent_routes_need_the_agent_token(farm: Farm) -> None:
-    status, err = await _req(farm, "POST", "/api/agent/tasks/abc/claim", json={"agent": "a"})
-    assert status == 401 and "agent token" in err["error"]["message"]
-    status, _ = await _req(farm, "POST", "/api/agent/tasks/abc/claim", token="wrong", json={"agent": "a"})
+    """No token 401, a user's token 403, another agent's token on a task leased to one 409
+    (the agent drops it), a revoked agent token 401."""
+    job_id, tid = await _queued_task(farm)
+    claim = f"/api/agent/tasks/{tid}/claim"
+    status, err = await _req(farm, "POST", claim, token="", json={})
+    assert status == 401 and "authentication required" in err["error"]["message"]
+    status, _ = await _req(farm, "POST", claim, token="wrong", json={})
     assert status == 401
+    status, err = await _req(farm, "POST", claim, json={})  # the admin's personal token
+    assert status == 403 and "agent token" in err["error"]["message"]
+
+    sim = await farm.agent_token("sim")
+    status, spec = await _req(farm, "POST", claim, token=sim, json={})
+    assert status == 200 and spec["frames"] == [1]
+    lease = spec["lease_id"]
+    other = await farm.agent_token("other")
+    for method, path, body in (
+        ("POST", claim, {}),
+        ("POST", f"/api/agent/tasks/{tid}/heartbeat", {"lease_id": lease}),
+        ("POST", f"/api/agent/tasks/{tid}/result", {"lease_id": lease, "status": "failed", "message": "x"}),
+    ):
+        status, err = await _req(farm, method, path, token=other, json=body)
+        assert status == 409, path
+    status, _ = await _req(
+        farm,
+        "PUT",
+        f"/api/agent/tasks/{tid}/frames/1?ext=.png&lease_id={lease}",
+        token=other,
+        data=_png((1, 2, 3)),
+    )
+    assert status == 409
+    status, _ = await _req(
+        farm, "POST", f"/api/agent/tasks/{tid}/heartbeat", token=sim, json={"lease_id": lease}
+    )
+    assert status == 200  # the lease is still sim's, untouched
+    [task] = await farm.client.tasks(job_id)
+    assert task["state"] == "running" and task["agent"] == "sim"
+
+    _, listing = await _req(farm, "GET", "/api/tokens?kind=agent")
+    [row] = [t for t in listing["tokens"] if t["agent_name"] == "sim"]
+    status, _ = await _req(farm, "DELETE", f"/api/tokens/{row['id']}")
+    assert status == 200
+    status, err = await _req(
+        farm, "POST", f"/api/agent/tasks/{tid}/heartbeat", token=sim, json={"lease_id": lease}
+    )
+    assert status == 401 and "revoked" in err["error"]["message"]
 
 
 @pytest.mark.blender
@@ -162,7 +221,7 @@ async def test_frames_are_stored_once_and_missing_frames_fail_the_task(
     farm: Farm, sample_blend: Path
 ) -> None:
     """An agent simulated over HTTP (no render needed): leases, duplicate uploads, missing frames."""
-    token = farm.ctx.agent_token
+    token = await farm.agent_token("sim")
     model = await farm.client.upload_model(sample_blend)
     job = await farm.client.create_job(model_id=model["id"], frames="1-2", chunk_size=2)
     [task] = await farm.client.tasks(job["id"])
@@ -173,7 +232,11 @@ async def test_frames_are_stored_once_and_missing_frames_fail_the_task(
     )
     assert status == 200 and spec["frames"] == [1, 2]
     status, _ = await _req(
-        farm, "POST", f"/api/agent/tasks/{tid}/claim", token=token, json={"agent": "other"}
+        farm,
+        "POST",
+        f"/api/agent/tasks/{tid}/claim",
+        token=await farm.agent_token("other"),
+        json={"agent": "other"},
     )
     assert status == 409  # already leased
 
@@ -226,6 +289,8 @@ async def test_frames_are_stored_once_and_missing_frames_fail_the_task(
     async with farm.client.http.get(farm.url + out["frames"][0]["url"].replace("sig=", "sig=0")) as r:
         assert r.status == 403
     async with farm.client.http.get(farm.url + f"/api/jobs/{job['id']}/outputs.zip") as r:
+        assert r.status == 401  # not a signed link: the archive needs a token
+    async with farm.client.http.get(farm.url + f"/api/jobs/{job['id']}/outputs.zip", headers=farm.auth) as r:
         assert r.status == 200 and (await r.read())[:2] == b"PK"
 
 
@@ -259,7 +324,7 @@ async def test_cancel_of_a_queued_job_and_of_a_finished_one(farm: Farm, sample_b
         farm,
         "POST",
         f"/api/agent/tasks/{task['id']}/claim",
-        token=farm.ctx.agent_token,
+        token=await farm.agent_token("late"),
         json={"agent": "late"},
     )
     assert status == 409  # a canceled task is not handed out
@@ -340,14 +405,12 @@ async def test_same_upload_twice_is_one_model_and_huge_frames_are_refused(
 
 @pytest.mark.agents(0)
 async def test_out_of_range_numbers_are_400_not_500(farm: Farm) -> None:
-    for path in (
-        "/api/jobs/x/outputs/999999999999999999999999",
-        "/api/jobs/x/outputs/-99999999999",
-        "/api/jobs/x/outputs/١",
-    ):
+    job_id, _ = await _queued_task(farm)  # a real job: the job is looked up (permission) before the frame
+    for frame in ("999999999999999999999999", "-99999999999", "١"):
+        path = f"/api/jobs/{job_id}/outputs/{frame}"
         status, err = await _req(farm, "GET", path)
         assert status == 400 and err["error"]["field"] == "frame", path
-    token = farm.ctx.agent_token
+    token = await farm.agent_token("a1")
     status, err = await _req(
         farm,
         "POST",
