@@ -7,6 +7,10 @@ fresh for the test: a database ``rf_<hex>`` on the shared MariaDB, a vhost
 shared Redis (keys are ids, channels per job) or a private ``redis-server``, and a
 new bucket on the session's moto server. Everything is removed afterwards.
 
+A farm process checks every user request's token: :func:`admin_token` logs in as its
+first admin (the generated password is in ``<data_dir>/secrets/initial-admin-password``)
+and makes a personal token; :func:`agent_token` makes an agent token bound to a name.
+
 :class:`PrivateRedis` runs a ``redis-server`` of the test's own, which a fault test
 may stop and start again without touching the machine's one.
 """
@@ -14,11 +18,13 @@ may stop and start again without touching the machine's one.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,3 +154,40 @@ def backend_env(backends: dict[str, Any], **more: Any) -> dict[str, str]:
     for key, value in {**backends, **more}.items():
         env[f"RENDERFARM_{key.upper()}"] = str(value)
     return env
+
+
+def _post_json(url: str, body: dict[str, Any], token: str | None = None, timeout: float = 10) -> Any:
+    """POST ``body`` to ``url``; the JSON answer.
+
+    Raises:
+        urllib.error.HTTPError: the server refused it.
+    """
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def admin_token(url: str, data_dir: Path, name: str = "tests") -> str:
+    """A personal token (``rfp_...``, 30 days) of the first admin of the farm server at ``url``
+    whose data folder is ``data_dir``: logs in as ``admin`` with the password the server
+    generated at its first start (``data_dir/secrets/initial-admin-password``).
+
+    Raises:
+        OSError: the password file is missing (the server has not started yet).
+        urllib.error.HTTPError: the login or the token was refused.
+    """
+    password = (data_dir / "secrets" / "initial-admin-password").read_text().strip()
+    login = _post_json(url + "/api/auth/login", {"username": "admin", "password": password})
+    return _post_json(url + "/api/tokens", {"name": name, "expires_days": 30}, login["access_token"])["token"]
+
+
+def agent_token(url: str, admin: str, agent_name: str) -> str:
+    """A new agent token (``rfa_...``) bound to ``agent_name``, made by the admin token ``admin``.
+
+    Raises:
+        urllib.error.HTTPError: it was refused (e.g. 403: ``admin`` is not an admin's token).
+    """
+    return _post_json(url + "/api/agent-tokens", {"agent_name": agent_name}, admin)["token"]

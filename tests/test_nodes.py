@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -30,6 +29,7 @@ from server.config import Settings
 from server.context import FarmContext
 from server.persistence.tables import Agent, utcnow
 from tests.conftest import farm_settings
+from tests.production import admin_token, agent_token
 
 RENDERFARM = str(Path(sys.executable).with_name("renderfarm"))  # the venv's console script
 CAPS = {
@@ -374,23 +374,6 @@ def test_server_with_a_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None
     assert res.returncode == 2 and "brokr_url" in res.stdout + res.stderr
 
 
-def _call(url: str, path: str, body: dict[str, Any], token: str | None = None) -> Any:
-    """POST ``body`` as JSON to a farm process; the JSON answer."""
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers=headers, method="POST")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
-
-
-def admin_login(url: str, data_dir: Path) -> str:
-    """An access token of the first admin of a farm process whose data folder is ``data_dir``
-    (the generated password is in ``secrets/initial-admin-password``)."""
-    password = (data_dir / "secrets" / "initial-admin-password").read_text().strip()
-    return _call(url, "/api/auth/login", {"username": "admin", "password": password})["access_token"]
-
-
 @pytest.fixture
 def farm_process(tmp_path: Path) -> Iterator[tuple[str, str]]:
     """`renderfarm up --agents 0` (memory broker) as a process, and an agent token for ``far-1``
@@ -419,8 +402,7 @@ def farm_process(tmp_path: Path) -> Iterator[tuple[str, str]]:
                 if time.monotonic() > deadline:
                     pytest.fail("renderfarm up did not answer within 60 s")
                 time.sleep(0.2)
-        admin = admin_login(url, data_dir)
-        yield url, _call(url, "/api/agent-tokens", {"agent_name": "far-1"}, admin)["token"]
+        yield url, agent_token(url, admin_token(url, data_dir), "far-1")
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
