@@ -34,12 +34,26 @@ def _q(ident: str) -> str:
 
 
 class ClientError(Exception):
-    """An API call failed; the message is the server's (naming the field at fault) or the connection error."""
+    """An API call failed; the message is the server's (naming the field at fault) or the connection error.
 
-    def __init__(self, message: str, status: int = 0, field: str | None = None) -> None:
+    ``status`` is the HTTP status (0 when the server was not reached); ``retry_after`` the
+    seconds of a ``Retry-After`` header (429), else None.
+    """
+
+    def __init__(
+        self, message: str, status: int = 0, field: str | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.field = field
+        self.retry_after = retry_after
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
 
 
 class FarmClient:
@@ -87,13 +101,113 @@ class FarmClient:
                 if resp.status >= 400:
                     err = (body or {}).get("error", {}) if isinstance(body, dict) else {}
                     raise ClientError(
-                        err.get("message") or f"HTTP {resp.status}", resp.status, err.get("field")
+                        err.get("message") or f"HTTP {resp.status}",
+                        resp.status,
+                        err.get("field"),
+                        _retry_after(resp.headers.get("Retry-After")),
                     )
                 return body
         except aiohttp.ClientConnectionError as exc:
             raise ClientError(f"cannot reach the server at {self.server}: {exc}") from exc
         except aiohttp.ClientError as exc:
             raise ClientError(f"request to {self.server} failed: {exc}") from exc
+
+    # ------------------------------------------------------------ accounts
+
+    async def login(self, username: str, password: str) -> dict[str, Any]:
+        """``POST /api/auth/login``: ``{access_token, token_type, expires_in, refresh_token}``.
+
+        Raises:
+            ClientError: 401 for a wrong user name or password; 429 (``retry_after`` set)
+                after too many failed logins.
+        """
+        return await self._json("POST", "/api/auth/login", json={"username": username, "password": password})
+
+    async def logout_session(self, refresh_token: str | None = None) -> None:
+        """``POST /api/auth/logout``: end the login of ``refresh_token`` (default: the caller's)."""
+        await self._json("POST", "/api/auth/logout", json={"refresh_token": refresh_token})
+
+    async def me(self) -> dict[str, Any]:
+        """``GET /api/me``: ``{id, username, is_admin, projects: [{id, name, role}]}``."""
+        return await self._json("GET", "/api/me")
+
+    async def tokens(self, kind: str | None = None, all_users: bool = False) -> list[dict[str, Any]]:
+        """``GET /api/tokens``: token records (never the tokens); ``kind="agent"`` and
+        ``all_users`` are for admins."""
+        params = {}
+        if kind:
+            params["kind"] = kind
+        if all_users:
+            params["all"] = "1"
+        return (await self._json("GET", "/api/tokens", params=params))["tokens"]
+
+    async def create_token(self, name: str, expires_days: float | None = None) -> dict[str, Any]:
+        """``POST /api/tokens``: a personal token, ``{id, name, token, expires_at, ...}`` (shown once)."""
+        body: dict[str, Any] = {"name": name}
+        if expires_days is not None:
+            body["expires_days"] = expires_days
+        return await self._json("POST", "/api/tokens", json=body)
+
+    async def create_agent_token(self, agent_name: str, name: str = "") -> dict[str, Any]:
+        """``POST /api/agent-tokens`` (admins): ``{id, agent_name, token, ...}`` (shown once)."""
+        return await self._json("POST", "/api/agent-tokens", json={"agent_name": agent_name, "name": name})
+
+    async def revoke_token(self, token_id: str) -> dict[str, Any]:
+        """``DELETE /api/tokens/{id}``: the revoked token's record."""
+        return await self._json("DELETE", f"/api/tokens/{_q(token_id)}")
+
+    async def users(self) -> list[dict[str, Any]]:
+        """``GET /api/users`` (admins): ``[{id, username, is_admin, disabled, created_at, projects}]``."""
+        return (await self._json("GET", "/api/users"))["users"]
+
+    async def create_user(self, username: str, password: str, is_admin: bool = False) -> dict[str, Any]:
+        """``POST /api/users`` (admins): the new user."""
+        return await self._json(
+            "POST", "/api/users", json={"username": username, "password": password, "is_admin": is_admin}
+        )
+
+    async def update_user(self, user: str, **fields: Any) -> dict[str, Any]:
+        """``PATCH /api/users/{user}`` (admins) with ``disabled``, ``password`` and/or ``is_admin``;
+        ``user`` is a name or id. Disabling or a new password revokes the user's tokens."""
+        return await self._json("PATCH", f"/api/users/{_q(user)}", json=fields)
+
+    async def change_password(self, current: str, new: str) -> None:
+        """``POST /api/me/password``: every token of the caller is revoked."""
+        await self._json("POST", "/api/me/password", json={"current_password": current, "new_password": new})
+
+    async def projects(self) -> list[dict[str, Any]]:
+        """``GET /api/projects``: ``[{id, name, role, members}]`` (an admin: every project)."""
+        return (await self._json("GET", "/api/projects"))["projects"]
+
+    async def create_project(self, name: str) -> dict[str, Any]:
+        """``POST /api/projects`` (admins): the new project."""
+        return await self._json("POST", "/api/projects", json={"name": name})
+
+    async def project(self, project: str) -> dict[str, Any]:
+        """``GET /api/projects/{project}`` (name or id):
+        ``{id, name, role, members: [{user, user_id, role}]}``."""
+        return await self._json("GET", f"/api/projects/{_q(project)}")
+
+    async def set_member(self, project: str, user: str, role: str) -> dict[str, Any]:
+        """``PUT /api/projects/{project}/members/{user}``: add ``user`` or change their role."""
+        return await self._json("PUT", f"/api/projects/{_q(project)}/members/{_q(user)}", json={"role": role})
+
+    async def remove_member(self, project: str, user: str) -> None:
+        """``DELETE /api/projects/{project}/members/{user}``."""
+        await self._json("DELETE", f"/api/projects/{_q(project)}/members/{_q(user)}")
+
+    async def audit(self, **filters: Any) -> dict[str, Any]:
+        """``GET /api/audit`` (admins) with filters actor, action, outcome, target, project_id,
+        since, until (ISO 8601), limit, before; ``None`` values are left out.
+        Returns ``{"entries": [...], "next_before": int | None}``, newest first."""
+        params = {k: str(v) for k, v in filters.items() if v is not None}
+        return await self._json("GET", "/api/audit", params=params)
+
+    async def audit_verify(self) -> dict[str, Any]:
+        """``GET /api/audit/verify`` (admins): ``{ok, checked, first_broken_seq, reason}``."""
+        return await self._json("GET", "/api/audit/verify")
+
+    # ------------------------------------------------------------ models and jobs
 
     async def upload_model(
         self, path: Path, main: str | None = None, progress: Callable[[int], None] | None = None

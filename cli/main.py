@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import click
@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from cli import credentials
 from cli.client import ClientError, FarmClient
 from node_agent.executor.base import BlenderNotFound
 from protocol.frames import FrameSpecError, parse_frames
@@ -49,9 +50,37 @@ def server_option(f: Any) -> Any:
     )(f)
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     sys.exit(code)
+
+
+def client_for(server: str) -> FarmClient:
+    """A client of ``server`` sending the CLI's token for it (``RENDERFARM_TOKEN``, else the
+    stored one from ``renderfarm login``; none when there is neither). Exits 2 when the
+    credentials file cannot be read."""
+    try:
+        return FarmClient(server, credentials.token_for(server))
+    except credentials.CredentialsError as exc:
+        _fail(str(exc))
+
+
+def not_logged_in(server: str) -> str:
+    """The message for a 401: how to log in to ``server``."""
+    url = credentials.server_key(server)
+    message = (
+        f"not logged in to {url} (or the token expired/was revoked): run `renderfarm login --server {url}`"
+    )
+    if os.environ.get(credentials.ENV_TOKEN):
+        message += f" (the token sent was {credentials.ENV_TOKEN}'s)"
+    return message
+
+
+def refused(exc: ClientError, server: str, with_field: bool = False) -> NoReturn:
+    """Exit 2 with the server's message; a 401 gets :func:`not_logged_in` instead."""
+    if exc.status == 401:
+        _fail(not_logged_in(server))
+    _fail(f"{exc} (field: {exc.field})" if with_field and exc.field else str(exc))
 
 
 @click.group()
@@ -160,9 +189,13 @@ def _serve(settings: Any, host: str, port: int, agents: int, what: str) -> None:
                 + escape(f"data in {settings.data_dir}; backends: {backends}. Ctrl-C stops it."),
                 highlight=False,
             )
-            if not settings.agent_token and agents == 0:
+            if what == "farm":
+                await _log_cli_in(farm)
+            if agents == 0:
                 console.print(
-                    f"agents authenticate with the token in {settings.data_dir / 'secrets' / 'agent-token'}",
+                    "agents need an agent token each: "
+                    + escape(f"renderfarm token create --agent NAME --server {farm.url}")
+                    + " (as an admin)",
                     highlight=False,
                 )
             await stop.wait()
@@ -170,8 +203,8 @@ def _serve(settings: Any, host: str, port: int, agents: int, what: str) -> None:
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(
-            f"[yellow]warning:[/] listening on {host}: until accounts land, anyone who can reach this "
-            "port can upload, submit and cancel",
+            f"[yellow]warning:[/] listening on {escape(host)} over plain HTTP: passwords and tokens "
+            "cross the network unencrypted unless a TLS proxy sits in front",
             highlight=False,
         )
     try:
@@ -182,13 +215,65 @@ def _serve(settings: Any, host: str, port: int, agents: int, what: str) -> None:
         _fail(str(exc))
 
 
+async def _log_cli_in(farm: Any) -> None:
+    """Make sure the CLI's credentials hold a working token for ``farm.url``: keep a stored one
+    that ``GET /api/me`` accepts, else store a new personal token of the first admin
+    (``local_admin_token``). Prints who the CLI is logged in as; a credentials file that cannot
+    be written is a warning, not a failure of the farm."""
+    import socket
+
+    from sqlalchemy import select
+
+    from server.auth.service import local_admin_token
+    from server.auth.tokens import token_hash
+    from server.errors import ApiError
+    from server.persistence.tables import ApiToken
+
+    try:
+        entry = credentials.stored(farm.url)
+        if entry:
+            async with FarmClient(farm.url, entry["token"]) as c:
+                try:
+                    me = await c.me()
+                except ClientError:
+                    me = None
+            if me is not None:
+                console.print(
+                    f"the CLI is logged in to {escape(farm.url)} as {escape(me['username'])} "
+                    f"(token in {escape(str(credentials.credentials_path()))})",
+                    highlight=False,
+                )
+                return
+        token = await local_admin_token(farm.ctx, f"renderfarm up on {socket.gethostname()}")
+        async with FarmClient(farm.url, token) as c:
+            me = await c.me()
+        async with farm.ctx.db.session() as s:
+            token_id = await s.scalar(select(ApiToken.id).where(ApiToken.token_hash == token_hash(token)))
+        path = credentials.store(farm.url, token, me["username"], token_id)
+    except (credentials.CredentialsError, ClientError, ApiError) as exc:
+        console.print(
+            f"[yellow]warning:[/] could not log the CLI in to {escape(farm.url)}: {escape(str(exc))}",
+            highlight=False,
+        )
+        return
+    console.print(
+        f"the CLI is logged in to {escape(farm.url)} as {escape(me['username'])} "
+        f"(new token in {escape(str(path))})",
+        highlight=False,
+    )
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=3000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--agents", default=1, show_default=True, type=click.IntRange(0, 64), help="Local node agents.")
 @backend_options
 def up(host: str, port: int, agents: int, config_file: Path | None, **flags: Any) -> None:
-    """Start the whole farm in one process: API, scheduler and local node agents."""
+    """Start the whole farm in one process: API, scheduler and local node agents.
+
+    Once up, the CLI is logged in to it as the first admin (a token stored in the CLI's
+    credentials, kept while it works), so that ``renderfarm submit`` needs no login.
+    """
     _serve(_load(config_file, **flags), host, port, agents, "farm")
 
 
@@ -211,7 +296,7 @@ def server(host: str, port: int, config_file: Path | None, **flags: Any) -> None
     "--token",
     envvar="RENDERFARM_AGENT_TOKEN",
     required=True,
-    help="The farm's agent token (or RENDERFARM_AGENT_TOKEN).",
+    help="Agent token, from `renderfarm token create --agent NAME` (or RENDERFARM_AGENT_TOKEN).",
 )
 @click.option(
     "--broker-url",
@@ -219,7 +304,11 @@ def server(host: str, port: int, config_file: Path | None, **flags: Any) -> None
     envvar="RENDERFARM_AGENT_BROKER_URL",
     help="Broker to consume from (default: the one the server names).",
 )
-@click.option("--name", default=None, help="Agent name (default <host>-<pid>).")
+@click.option(
+    "--name",
+    default=None,
+    help="Agent name; must be the one the token is bound to (default: the token's).",
+)
 @click.option("--pool", default="default", show_default=True, help="Capability pool to take tasks from.")
 @click.option("--tag", "tags", multiple=True, help="A tag to advertise (repeatable).")
 @click.option(
@@ -326,9 +415,16 @@ def submit(
 
 
 async def _submit(
-    file: Path, main_blend: str | None, server: str, wait: bool, download: Path | None, job: dict[str, Any]
+    file: Path,
+    main_blend: str | None,
+    server: str,
+    wait: bool,
+    download: Path | None,
+    job: dict[str, Any],
+    token: str | None = None,
 ) -> int:
-    async with FarmClient(server) as c:
+    """Upload, submit, and (``wait``) follow; ``token`` instead of the CLI's credentials when given."""
+    async with FarmClient(server, token) if token else client_for(server) as c:
         try:
             size = file.stat().st_size
             with _progress() as p:
@@ -337,7 +433,7 @@ async def _submit(
             job["chunk_size"] = job.pop("chunk")
             created = await c.create_job(model_id=model["id"], **job)
         except ClientError as exc:
-            _fail(f"{exc} (field: {exc.field})" if exc.field else str(exc))
+            refused(exc, server, with_field=True)
         console.print(
             f"job [bold]{created['id']}[/]: {created['frame_count']} frame(s) in "
             f"{created['task_count']} task(s)",
@@ -382,8 +478,7 @@ async def _follow(c: FarmClient, job_id: str, download: Path | None) -> int:
             console.print(f"{len(paths)} frame(s) in {download.resolve()}", highlight=False)
         return 0
     except ClientError as exc:
-        _fail(str(exc))
-    return 2
+        refused(exc, c.server)
 
 
 @main.command()
@@ -394,14 +489,14 @@ def status(job_id: str, server: str, wait: bool) -> None:
     """Show a job's state, progress and tasks."""
 
     async def run() -> int:
-        async with FarmClient(server) as c:
+        async with client_for(server) as c:
             try:
                 if wait:
                     return await _follow(c, job_id, None)
                 j = await c.job(job_id)
                 tasks = await c.tasks(job_id)
             except ClientError as exc:
-                _fail(str(exc))
+                refused(exc, server)
             console.print(
                 f"job {j['id']} [bold]{j['state']}[/] {j['progress']}% "
                 f"({j['frames_done']}/{j['frame_count']} frames) {escape(j['message'])}",
@@ -427,12 +522,12 @@ def download(job_id: str, dest: Path, server: str, overwrite: bool) -> None:
     """Download a job's stored frames into DEST (exit 1 when the job has not completed)."""
 
     async def run() -> int:
-        async with FarmClient(server) as c:
+        async with client_for(server) as c:
             try:
                 job = await c.job(job_id)
                 paths = await c.download(job_id, dest, overwrite=overwrite)
             except ClientError as exc:
-                _fail(str(exc))
+                refused(exc, server)
         console.print(f"{len(paths)} frame(s) in {dest.resolve()}", highlight=False)
         if job["state"] != "completed":
             console.print(
@@ -453,11 +548,11 @@ def cancel(job_id: str, server: str) -> None:
     """Cancel a job."""
 
     async def run() -> None:
-        async with FarmClient(server) as c:
+        async with client_for(server) as c:
             try:
                 j = await c.cancel(job_id)
             except ClientError as exc:
-                _fail(str(exc))
+                refused(exc, server)
         console.print(f"job {j['id']} {j['state']}", highlight=False)
 
     asyncio.run(run())
@@ -471,11 +566,11 @@ def priority(job_id: str, priority: int, server: str) -> None:
     """Change a job's PRIORITY (-100..100, higher first); its tasks not yet dispatched follow."""
 
     async def run() -> None:
-        async with FarmClient(server) as c:
+        async with client_for(server) as c:
             try:
                 j = await c.set_priority(job_id, priority)
             except ClientError as exc:
-                _fail(str(exc))
+                refused(exc, server)
         console.print(f"job {j['id']} priority {j['priority']} ({j['state']})", highlight=False)
 
     asyncio.run(run())
@@ -515,6 +610,7 @@ def sample_scene(out: Path, blender: str | None) -> None:
 def demo(workdir: Path, frames: str, chunk: int, agents: int, blender: str | None) -> None:
     """Start the embedded farm, render the bundled sample scene, download the frames, stop."""
     from cli.farm import free_port, make_sample_scene, running_farm
+    from server.auth.service import local_admin_token
 
     async def run() -> int:
         console.print("generating the sample scene ...")
@@ -528,6 +624,7 @@ def demo(workdir: Path, frames: str, chunk: int, agents: int, blender: str | Non
             console.print(
                 f"farm up at {farm.url}; submitting frames {frames} in chunks of {chunk}", highlight=False
             )
+            token = await local_admin_token(farm.ctx, "renderfarm demo")  # not the user's credentials
             return await _submit(
                 scene,
                 None,
@@ -535,6 +632,7 @@ def demo(workdir: Path, frames: str, chunk: int, agents: int, blender: str | Non
                 True,
                 workdir / "frames",
                 {"frames": frames, "chunk": chunk, "output_format": "PNG"},
+                token=token,
             )
 
     try:
@@ -549,3 +647,5 @@ def demo(workdir: Path, frames: str, chunk: int, agents: int, blender: str | Non
 from cli.db_cmd import db as _db_group  # noqa: E402  (renderfarm db upgrade|current)
 
 main.add_command(_db_group)
+
+import cli.accounts  # noqa: E402, F401  (registers login, logout, whoami, user, project, token, audit)
