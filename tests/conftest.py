@@ -23,6 +23,14 @@ SHARED = REPO.parent / "shared"
 REAL = SHARED / "blendfiles" / "real"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cli_config(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the CLI's credentials (``renderfarm up`` stores a token) out of the real home folder,
+    for this process and every process a test starts."""
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("xdg-config"))
+    os.environ.pop("RENDERFARM_TOKEN", None)
+
+
 @pytest.fixture(scope="session")
 def corpus() -> Path:
     """The real-world .blend files, used in place (never copied into the repo)."""
