@@ -243,6 +243,27 @@ def whoami(server: str, as_json: bool) -> None:
         _say(f"token from {escape(source)}")
 
 
+@main.command()
+@server_option
+@click.option(
+    "--password-stdin",
+    is_flag=True,
+    help="Read the current, then the new password from stdin's first two lines.",
+)
+def passwd(server: str, password_stdin: bool) -> None:
+    """Change your own password. Every token of yours is revoked: log in again afterwards."""
+    if password_stdin:
+        current, new = _password_from_stdin(), _password_from_stdin()
+    else:
+        current = str(click.prompt("Current password", hide_input=True, err=True))
+        new = _new_password(False)
+    _call(server, lambda c: c.change_password(current, new))
+    credentials.forget(server)
+    _say(
+        f"password changed; every token of yours is revoked: run `renderfarm login --server {escape(server)}`"
+    )
+
+
 # ------------------------------------------------------------------ users
 
 

@@ -210,6 +210,31 @@ async def test_users_disable_enable_set_password(farm: Farm, home: Path, tmp_pat
     await login(farm, "bob", "bob-password-2", bob_home)
     res = await cli("user", "disable", "nobody", "--server", farm.url)
     assert res.exit_code == 2
+    # bob changes his own password: a wrong current one is refused, then every token of his is revoked
+    bob_env = {"XDG_CONFIG_HOME": str(bob_home)}
+    bob_token = stored(bob_home, farm.url)["token"]
+    res = await cli(
+        "passwd",
+        "--server",
+        farm.url,
+        "--password-stdin",
+        input="wrong-password\nbob-password-3\n",
+        env=bob_env,
+    )
+    assert res.exit_code == 2 and "current password is wrong" in flat(res.stderr)
+    assert await works(farm.url, bob_token)
+    res = await cli(
+        "passwd",
+        "--server",
+        farm.url,
+        "--password-stdin",
+        input="bob-password-2\nbob-password-3\n",
+        env=bob_env,
+    )
+    assert res.exit_code == 0, res.output
+    assert not await works(farm.url, bob_token)
+    assert not (bob_home / "renderfarm" / "credentials.json").read_text().count(bob_token)
+    await login(farm, "bob", "bob-password-3", bob_home)
 
 
 async def test_projects_and_members(farm: Farm, home: Path) -> None:
