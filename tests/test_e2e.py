@@ -2,6 +2,10 @@
 
 Every test runs twice: on the embedded backends (SQLite, in-process queue and cache, a
 folder) and on the production ones (MariaDB, RabbitMQ, Redis, S3 through moto's server).
+
+`renderfarm up` logs the CLI in to itself (a personal token of the first admin in the
+CLI's credentials): every test gets a credentials folder of its own (``XDG_CONFIG_HOME``),
+so that nothing is read from or written to the user's.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from PIL import Image
 
 from cli.client import FarmClient
 from cli.farm import free_port, running_farm
+from server.auth.service import create_agent_token, local_admin_token
 from tests.conftest import Farm, blender_pids, farm_settings
 from tests.production import backend_env, production_backends
 
@@ -28,6 +33,14 @@ RENDERFARM = [str(Path(sys.executable).with_name("renderfarm"))]  # the installe
 
 def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*RENDERFARM, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def own_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The CLI's credentials folder for this test (``renderfarm up`` stores its login there)."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("RENDERFARM_TOKEN", raising=False)
+    return tmp_path / "config"
 
 
 @pytest.fixture(params=["embedded", "production"])
@@ -191,21 +204,22 @@ async def test_a_restarted_farm_finishes_queued_and_orphaned_tasks(
     """Stopping the embedded farm loses its in-process queue; the database brings the work back."""
     data = tmp_path / "farm"
     async with running_farm(farm_settings(data, backends, lease_s=2), port=free_port(), agents=0) as first:
-        async with FarmClient(first.url) as c:
+        async with FarmClient(first.url, await local_admin_token(first.ctx, "tests")) as c:
             model = await c.upload_model(sample_blend)
             job = await c.create_job(
                 model_id=model["id"], frames="1-2", chunk_size=1, resolution_percentage=25
             )
             task = (await c.tasks(job["id"]))[0]
             # an agent takes the first task and dies: no heartbeat, no result
+            _, doomed = await create_agent_token(first.ctx, "doomed", "tests")
             async with c.http.post(
                 f"{first.url}/api/agent/tasks/{task['id']}/claim",
                 json={"agent": "doomed"},
-                headers={"Authorization": f"Bearer {first.ctx.agent_token}"},
+                headers={"Authorization": f"Bearer {doomed}"},
             ) as r:
                 assert r.status == 200
     async with running_farm(farm_settings(data, backends, lease_s=2), port=free_port(), agents=1) as second:
-        async with FarmClient(second.url) as c:
+        async with FarmClient(second.url, await local_admin_token(second.ctx, "tests")) as c:
             final = await asyncio.wait_for(c.wait(job["id"], poll_s=0.2), 120)
             assert final["state"] == "completed" and final["frames_done"] == 2
             tasks = await c.tasks(job["id"])
@@ -250,7 +264,7 @@ async def test_a_clean_stop_hands_the_running_task_back(
 ) -> None:
     data = tmp_path / "farm"
     async with running_farm(farm_settings(data, backends), port=free_port(), agents=1) as farm:
-        async with FarmClient(farm.url) as c:
+        async with FarmClient(farm.url, await local_admin_token(farm.ctx, "tests")) as c:
             model = await c.upload_model(sample_blend)
             job = await c.create_job(model_id=model["id"], frames="1", samples=1_000_000)
             for _ in range(600):
@@ -260,7 +274,7 @@ async def test_a_clean_stop_hands_the_running_task_back(
             assert blender_pids(data), "Blender never started"
     assert blender_pids(data) == []
     async with running_farm(farm_settings(data, backends), port=free_port(), agents=0) as farm:
-        async with FarmClient(farm.url) as c:
+        async with FarmClient(farm.url, await local_admin_token(farm.ctx, "tests")) as c:
             [task] = await c.tasks(job["id"])
             assert task["state"] == "queued" and task["attempts"] == 0
             assert "released" in task["message"]
