@@ -6,7 +6,10 @@ made with the real services and processes: RabbitMQ's connections closed, Rabbit
 stopped, a Redis server killed, the server and an agent SIGKILLed.
 
 The agents get no storage credentials (their environment has no ``AWS_*``): they
-fetch inputs through presigned URLs and upload frames to the server.
+fetch inputs through presigned URLs and upload frames to the server. Each agent has an
+agent token of its own, bound to its name, made by the first admin (logged in with the
+password the server generated); the test's own calls and ``renderfarm submit`` send a
+personal token of that admin.
 """
 
 from __future__ import annotations
@@ -29,18 +32,29 @@ from PIL import Image
 
 from cli.farm import free_port
 from tests.conftest import blender_pids
-from tests.production import PrivateRedis, backend_env, production_backends, rabbitmqctl
+from tests.production import (
+    PrivateRedis,
+    admin_token,
+    agent_token,
+    backend_env,
+    production_backends,
+    rabbitmqctl,
+)
 
 pytestmark = [pytest.mark.blender, pytest.mark.slow]
 RENDERFARM = str(Path(sys.executable).with_name("renderfarm"))
-TOKEN = "test-agent-token-" + os.urandom(8).hex()
+JWT_KEYS = "k1:" + os.urandom(24).hex()  # set on the server, as a farm of several servers would
 
 
-def _http(method: str, url: str, body: Any = None, timeout: float = 10) -> tuple[int, Any]:
+def _http(
+    method: str, url: str, body: Any = None, timeout: float = 10, token: str | None = None
+) -> tuple[int, Any]:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method)
     if data is not None:
         req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             raw = r.read()
@@ -62,11 +76,15 @@ class Farm:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = backend_env(
             backends,
-            agent_token=TOKEN,
+            jwt_keys=JWT_KEYS,
             heartbeat_s=1,
             reconcile_s=2,
             **settings,
         )
+        self.env["XDG_CONFIG_HOME"] = str(tmp / "config")  # no CLI credentials of the user's
+        self.env.pop("RENDERFARM_TOKEN", None)
+        self.token = ""
+        """A personal token of the first admin (set once the server has started)."""
         self.server: subprocess.Popen[bytes] | None = None
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: list[Path] = []
@@ -78,7 +96,8 @@ class Farm:
             return subprocess.Popen([RENDERFARM, "-v", *args], env=env, stdout=fh, stderr=subprocess.STDOUT)
 
     def start_server(self, timeout_s: float = 60) -> None:
-        """Start ``renderfarm server`` and wait until ``/healthz`` answers 200."""
+        """Start ``renderfarm server`` and wait until ``/healthz`` answers 200; the first time,
+        log in as its first admin and keep a personal token in ``token``."""
         self.server = self._spawn(
             "server",
             ["server", "--port", str(self.port), "--data-dir", str(self.tmp / "server")],
@@ -89,6 +108,8 @@ class Farm:
             assert self.server.poll() is None, "server exited:\n" + self.tail()
             try:
                 if _http("GET", self.url + "/healthz", timeout=2)[0] == 200:
+                    if not self.token:
+                        self.token = admin_token(self.url, self.tmp / "server")
                     return
             except OSError:
                 pass
@@ -103,9 +124,12 @@ class Farm:
         self.server = None
 
     def start_agent(self, name: str) -> None:
-        """Start ``renderfarm agent`` with no storage credentials in its environment."""
+        """Start ``renderfarm agent`` with an agent token of its own (bound to ``name``) and no
+        storage credentials in its environment."""
         env = {
-            k: v for k, v in self.env.items() if not k.startswith("AWS_") and k != "RENDERFARM_STORAGE_URL"
+            k: v
+            for k, v in self.env.items()
+            if not k.startswith("AWS_") and k not in ("RENDERFARM_STORAGE_URL", "RENDERFARM_JWT_KEYS")
         }
         self.agents[name] = self._spawn(
             name,
@@ -114,7 +138,7 @@ class Farm:
                 "--server",
                 self.url,
                 "--token",
-                TOKEN,
+                agent_token(self.url, self.token, name),
                 "--name",
                 name,
                 "--work-dir",
@@ -129,7 +153,7 @@ class Farm:
         while time.monotonic() < deadline:
             for name, proc in self.agents.items():
                 assert proc.poll() is None, f"agent {name} exited:\n" + self.tail()
-            status, body = _http("GET", self.url + "/api/agents")
+            status, body = _http("GET", self.url + "/api/agents", token=self.token)
             online = [a for a in body.get("agents", [])] if status == 200 else []
             online = [a for a in online if a["online"]]
             if len(online) >= n:
@@ -144,19 +168,20 @@ class Farm:
             capture_output=True,
             text=True,
             timeout=300,
+            env={**self.env, "RENDERFARM_TOKEN": self.token},
         )
         assert res.returncode == 0, res.stderr + "\n" + self.tail()
         return res.stdout.strip().splitlines()[-1]
 
     def job(self, job_id: str) -> dict[str, Any]:
         """``GET /api/jobs/{id}`` (asserting 200)."""
-        status, body = _http("GET", f"{self.url}/api/jobs/{job_id}")
+        status, body = _http("GET", f"{self.url}/api/jobs/{job_id}", token=self.token)
         assert status == 200, body
         return body
 
     def tasks(self, job_id: str) -> list[dict[str, Any]]:
         """The job's tasks from the database."""
-        status, body = _http("GET", f"{self.url}/api/jobs/{job_id}/tasks")
+        status, body = _http("GET", f"{self.url}/api/jobs/{job_id}/tasks", token=self.token)
         assert status == 200, body
         return body["tasks"]
 
@@ -184,7 +209,7 @@ class Farm:
 
     def frames(self, job_id: str) -> list[dict[str, Any]]:
         """The stored frames of the job."""
-        status, body = _http("GET", f"{self.url}/api/jobs/{job_id}/outputs")
+        status, body = _http("GET", f"{self.url}/api/jobs/{job_id}/outputs", token=self.token)
         assert status == 200, body
         return body["frames"]
 
@@ -259,8 +284,9 @@ def test_a_server_and_two_agent_processes_render_a_job(
     assert {t["agent"] for t in tasks} == {"agent-a", "agent-b"}, "both agent processes rendered"
     assert all(t["attempts"] == 1 for t in tasks)
     # status reads come from Redis; the task status route serves the cached entry
-    status, body = _http("GET", f"{farm.url}/api/tasks/{tasks[0]['id']}/status")
+    status, body = _http("GET", f"{farm.url}/api/tasks/{tasks[0]['id']}/status", token=farm.token)
     assert status == 200 and body["state"] == "completed"
+    assert _http("GET", f"{farm.url}/api/tasks/{tasks[0]['id']}/status")[0] == 401
     status, metrics = _http("GET", f"{farm.url}/metrics")
     assert status == 200 and "renderfarm_agents_online" in metrics
 
@@ -280,8 +306,8 @@ def test_redis_stopped_mid_job_then_back(farm: Farm, sample_blend: Path, redis_s
     redis_server.stop()
     t0 = time.monotonic()
     while time.monotonic() - t0 < 4:  # status calls keep answering while Redis is gone
-        assert _http("GET", f"{farm.url}/api/jobs/{job_id}")[0] == 200
-        assert _http("GET", f"{farm.url}/api/tasks/{task['id']}/status")[0] == 200
+        assert _http("GET", f"{farm.url}/api/jobs/{job_id}", token=farm.token)[0] == 200
+        assert _http("GET", f"{farm.url}/api/tasks/{task['id']}/status", token=farm.token)[0] == 200
         time.sleep(0.2)
     status, health = _http("GET", f"{farm.url}/healthz")
     assert status == 200 and health["status"] == "degraded" and health["cache"].startswith("degraded")
