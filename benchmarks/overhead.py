@@ -14,18 +14,24 @@ same plus the upload and inspection of a scene the farm has not seen and the
 download of the frames, as `renderfarm submit --wait --download` does it. Runs alternate a, b, b+ so
 that drift of the shared machine hits each alike; medians and the median of
 the per-run ratios are printed.
+
+The farm's calls send a personal token of its first admin (logged in with the password
+`renderfarm up` generated in its data folder), as every user call must; `renderfarm up`
+keeps its own CLI login in a temporary folder, not the user's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+import urllib.error
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from cli.client import FarmClient  # noqa: E402
 from cli.farm import free_port, make_sample_scene  # noqa: E402
+from tests.production import admin_token  # noqa: E402
 
 PLAIN = textwrap.dedent(
     """
@@ -62,9 +69,9 @@ def plain(blend: Path, n: int, tmp: Path) -> float:
     return took
 
 
-async def farm_job(url: str, model_id: str, n: int) -> float:
-    """Seconds from job submission to completion through the farm."""
-    async with FarmClient(url) as c:
+async def farm_job(url: str, token: str, model_id: str, n: int) -> float:
+    """Seconds from job submission to completion through the farm (``token``: a user's)."""
+    async with FarmClient(url, token) as c:
         t = time.perf_counter()
         job = await c.create_job(model_id=model_id, frames=f"1-{n}", chunk_size=n)
         final = await c.wait(job["id"], poll_s=0.05)
@@ -73,14 +80,15 @@ async def farm_job(url: str, model_id: str, n: int) -> float:
     return took
 
 
-async def farm_full(url: str, blend: Path, n: int, tmp: Path, seen: set[str]) -> float:
-    """Seconds for upload + inspection + job + download, as `submit --wait --download` does.
+async def farm_full(url: str, token: str, blend: Path, n: int, tmp: Path, seen: set[str]) -> float:
+    """Seconds for upload + inspection + job + download, as `submit --wait --download` does
+    (``token``: a user's).
 
     ``blend`` must be a scene the farm has not seen (an identical upload is reused
     without inspection, which would flatter the figure); ``seen`` holds the model ids so far.
     """
     out = Path(tempfile.mkdtemp(dir=tmp))
-    async with FarmClient(url) as c:
+    async with FarmClient(url, token) as c:
         t = time.perf_counter()
         model = await c.upload_model(blend)
         if model["id"] in seen:
@@ -118,29 +126,36 @@ def main() -> None:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            env={**os.environ, "XDG_CONFIG_HOME": str(tmp / "config")},  # its CLI login: not the user's
         )
         url = f"http://127.0.0.1:{port}"
         try:
+            token = ""
+            for _ in range(200):
+                try:
+                    token = admin_token(url, tmp / "farm", "overhead benchmark")
+                    break
+                except urllib.error.HTTPError:  # it answered and refused: say so
+                    raise
+                except OSError:  # not answering yet (or the password file not written yet)
+                    time.sleep(0.1)
+            if not token:
+                raise RuntimeError("farm did not start")
 
             async def upload() -> str:
-                for _ in range(200):
-                    try:
-                        async with FarmClient(url) as c:
-                            return (await c.upload_model(blend))["id"]
-                    except Exception:
-                        await asyncio.sleep(0.1)
-                raise RuntimeError("farm did not start")
+                async with FarmClient(url, token) as c:
+                    return (await c.upload_model(blend))["id"]
 
             model_id = asyncio.run(upload())
             seen = {model_id}
-            asyncio.run(farm_job(url, model_id, 1))  # warm-up: first Blender start, caches
+            asyncio.run(farm_job(url, token, model_id, 1))  # warm-up: first Blender start, caches
             plain(blend, 1, tmp)
             a, b, full = [], [], []
             for i in range(args.repeat):
                 a.append(plain(blend, n, tmp))
-                b.append(asyncio.run(farm_job(url, model_id, n)))
+                b.append(asyncio.run(farm_job(url, token, model_id, n)))
                 fresh = asyncio.run(make_sample_scene(tmp / f"fresh{i}.blend"))  # new bytes, not timed
-                full.append(asyncio.run(farm_full(url, fresh, n, tmp, seen)))
+                full.append(asyncio.run(farm_full(url, token, fresh, n, tmp, seen)))
                 print(
                     f"run {i + 1}: plain {a[-1]:.2f} s, farm job {b[-1]:.2f} s, "
                     f"farm with upload+download {full[-1]:.2f} s",
