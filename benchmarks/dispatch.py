@@ -12,7 +12,9 @@ everything; one runs the scheduler) on a fresh MariaDB database and a fresh Rabb
 vhost, Redis as its cache and a local ``file://`` storage folder, with
 ``RENDERFARM_DISPATCH_WINDOW`` = ``--window`` (default twice the agents). A model row is
 written straight into its database (no Blender: nothing renders). The simulated agents
-run in another process: ``--agents`` asyncio consumers, each registered through
+run in another process: ``--agents`` asyncio consumers, each with an agent token of its
+own bound to its name (made by the farm's first admin through ``POST /api/agent-tokens``;
+the benchmark logs in with the generated password), each registered through
 ``POST /api/agent/register`` and consuming the default pool's queue with prefetch 1,
 then for each message, as a real agent does minus Blender:
 
@@ -22,7 +24,11 @@ then for each message, as a real agent does minus Blender:
   ``completed`` without stored frames would fail anyway), then ack: the scheduler's and
   the claim's cost without the frame upload.
 
-Each job is submitted with ``POST /api/jobs`` (frames 1-N, chunk 1) once the agents wait.
+Each job is submitted with ``POST /api/jobs`` (frames 1-N, chunk 1) once the agents wait,
+with a personal token of the admin. Every agent call is authenticated (a principal cached
+in the server for up to 30 s per token, after one Redis read of the access epoch) and,
+except the claim, checked against the task's lease holder (one database read of the task's
+agent per call, besides what the call itself does).
 
 Figures, from the server's own timestamps in the database:
 
@@ -60,6 +66,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,10 +107,11 @@ def tiny_png() -> bytes:
 # ----------------------------------------------------------------------------- simulated agents
 
 
-async def run_agents(urls: list[str], token: str, broker_url: str, n: int, mode: str) -> None:
-    """``n`` simulated agents in this process until SIGTERM, agent ``i`` calling server
-    ``urls[i % len(urls)]``; prints ``READY`` once consuming, and at the end one JSON line of
-    counts (``claimed``, ``refused``, ``errors``) and round trips (``claim_ms_p50``...)."""
+async def run_agents(urls: list[str], agents: list[tuple[str, str]], broker_url: str, mode: str) -> None:
+    """The simulated agents ``[(name, agent token bound to it)]`` in this process until SIGTERM,
+    agent ``i`` calling server ``urls[i % len(urls)]``; prints ``READY`` once consuming, and at
+    the end one JSON line of counts (``claimed``, ``refused``, ``errors``) and round trips
+    (``claim_ms_p50``...)."""
     import aiohttp
 
     from protocol.messages import queue_for_pool
@@ -118,25 +126,28 @@ async def run_agents(urls: list[str], token: str, broker_url: str, n: int, mode:
         loop.add_signal_handler(sig, stop.set)
     broker = RabbitBroker(broker_url, connection_name=f"bench agents pid {os.getpid()}")
     await broker.connect()
-    headers = {"Authorization": f"Bearer {token}"}
     sessions = [
-        aiohttp.ClientSession(
-            url, headers=headers, connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(60)
-        )
+        aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(60))
         for url in urls
     ]
-    names = [f"bench-{os.getpid()}-{i}" for i in range(n)]
+    names = [name for name, _ in agents]
+    auth = {name: {"Authorization": f"Bearer {token}"} for name, token in agents}
     for i, name in enumerate(names):
-        async with sessions[i % len(sessions)].post("/api/agent/register", json={"name": name}) as r:
+        async with sessions[i % len(sessions)].post(
+            "/api/agent/register", json={"name": name}, headers=auth[name]
+        ) as r:
             r.raise_for_status()
 
     async def agent(i: int, name: str) -> None:
         http = sessions[i % len(sessions)]
+        headers = auth[name]
         async for d in broker.consume(queue_for_pool("default"), prefetch=1):
             try:
                 task_id = json.loads(d.body)["task_id"]
                 t = time.perf_counter()
-                async with http.post(f"/api/agent/tasks/{task_id}/claim", json={"agent": name}) as r:
+                async with http.post(
+                    f"/api/agent/tasks/{task_id}/claim", json={"agent": name}, headers=headers
+                ) as r:
                     if r.status == 409:
                         counts["refused"] += 1
                         await d.ack()
@@ -153,7 +164,7 @@ async def run_agents(urls: list[str], token: str, broker_url: str, n: int, mode:
                             f"/api/agent/tasks/{task_id}/frames/{frame}",
                             params={"lease_id": lease, "ext": ".png"},
                             data=png,
-                            headers={"Content-Type": "application/octet-stream"},
+                            headers={**headers, "Content-Type": "application/octet-stream"},
                         ) as r:
                             r.raise_for_status()
                         rtt["frame"].append(time.perf_counter() - t)
@@ -161,7 +172,7 @@ async def run_agents(urls: list[str], token: str, broker_url: str, n: int, mode:
                 else:
                     result = {"lease_id": lease, "status": "failed", "message": "benchmark: not rendered"}
                 t = time.perf_counter()
-                async with http.post(f"/api/agent/tasks/{task_id}/result", json=result) as r:
+                async with http.post(f"/api/agent/tasks/{task_id}/result", json=result, headers=headers) as r:
                     r.raise_for_status()
                 rtt["result"].append(time.perf_counter() - t)
             except aiohttp.ClientError as exc:
@@ -263,18 +274,22 @@ class JobRun:
 
 
 def start_agents(farm: FarmServer, n: int, procs: int, mode: str, tmp: Path) -> list[subprocess.Popen[str]]:
-    """Start ``procs`` agent processes sharing ``n`` agents; returns once all print READY.
+    """Start ``procs`` agent processes sharing ``n`` agents, each agent with a new name and an
+    agent token bound to it; returns once all print READY.
 
     Raises:
         RuntimeError: a process exited before it was ready.
     """
     out: list[subprocess.Popen[str]] = []
     per = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
+    run = uuid.uuid4().hex[:8]  # fresh names: the agents of an earlier job never said they stopped
     for i, k in enumerate(per):
+        names = [f"bench-{run}-{i}-{j}" for j in range(k)]
+        agents = [(name, farm.agent_token(name)) for name in names]
         log = open(tmp / f"agents-{mode}-{i}.log", "w")
         p = subprocess.Popen(
-            [sys.executable, __file__, "_agents", ",".join(farm.urls), str(k), mode],
-            env={**os.environ, "BENCH_AGENT_TOKEN": farm.agent_token, "BENCH_BROKER_URL": farm.broker_url},
+            [sys.executable, __file__, "_agents", ",".join(farm.urls), mode],
+            env={**os.environ, "BENCH_AGENTS": json.dumps(agents), "BENCH_BROKER_URL": farm.broker_url},
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
@@ -324,7 +339,7 @@ async def submit_and_wait(farm: FarmServer, model_id: str, tasks: int, timeout_s
     """
     import aiohttp
 
-    async with aiohttp.ClientSession(farm.url) as http:
+    async with aiohttp.ClientSession(farm.url, headers=farm.auth) as http:
         t = time.perf_counter()
         async with http.post(
             "/api/jobs", json={"model_id": model_id, "frames": f"1-{tasks}", "chunk_size": 1}
@@ -529,8 +544,8 @@ def summary(args: argparse.Namespace, window: int, modes: list[str], runs: list[
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_agents":
-        urls, n, mode = sys.argv[2:5]  # the token and the broker URL come in the environment
-        token, broker_url = os.environ["BENCH_AGENT_TOKEN"], os.environ["BENCH_BROKER_URL"]
-        asyncio.run(run_agents(urls.split(","), token, broker_url, int(n), mode))
+        urls, mode = sys.argv[2:4]  # the agents' names and tokens and the broker URL: in the environment
+        agents = [(name, token) for name, token in json.loads(os.environ["BENCH_AGENTS"])]
+        asyncio.run(run_agents(urls.split(","), agents, os.environ["BENCH_BROKER_URL"], mode))
     else:
         main()

@@ -19,6 +19,17 @@ Two servers run on this machine, each in its own process:
   Redis and returns the bytes (what the farm's route does once permission and error
   handling are done): the floor any Python server could reach.
 
+Every request carries ``Authorization: Bearer <token>``, a valid personal token of the
+farm's first admin (the benchmark logs in with the generated password and makes one),
+to both servers alike; the bare one ignores it. The farm, per request, since accounts
+and per-project roles: reads the token (sha256 of it), one Redis ``GET`` of the access
+epoch and an in-process lookup of the principal (the token's database row is read only
+when that entry is missing or older than 30 s), then resolves the task's project for the
+permission check: one MariaDB ``SELECT`` of the task joined to its job, **on every
+request**; then the role check and the Redis ``GET task:<id>``. GETs are not audited.
+So the farm now does one database round trip and two Redis round trips per status read,
+where the bare server does one Redis round trip: the ratio measures that too.
+
 The load generator is ``wrk`` (Debian: ``apt-get install wrk``; it must be installed by
 the user), each request picking a random task among the job's; without ``wrk`` an aiohttp
 client in a separate process stands in (it competes with the server for the CPUs, so
@@ -124,7 +135,8 @@ class FarmServer:
         broker_url: their RabbitMQ vhost (``amqp://...``).
         cache_url: their Redis.
         storage_url: their local storage folder (``file://...``), shared.
-        agent_token: the token agents present (set by the benchmark, the same on each).
+        token: a personal token of the farm's first admin (for the benchmark's user calls).
+        data_dir: the first server's data folder (holds the generated admin password).
         procs: the processes.
         logs: the files their output goes to.
     """
@@ -134,7 +146,8 @@ class FarmServer:
     broker_url: str
     cache_url: str
     storage_url: str
-    agent_token: str = field(repr=False)
+    token: str = field(repr=False)
+    data_dir: Path
     procs: list[subprocess.Popen[bytes]]
     logs: list[Path]
 
@@ -142,6 +155,21 @@ class FarmServer:
     def url(self) -> str:
         """The first server's URL (jobs are submitted there)."""
         return self.urls[0]
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """The ``Authorization`` header of the admin's token."""
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def agent_token(self, agent_name: str) -> str:
+        """A new agent token bound to ``agent_name`` (``POST /api/agent-tokens`` as the admin).
+
+        Raises:
+            urllib.error.HTTPError: the server refused it (e.g. a bad agent name).
+        """
+        from tests.production import agent_token
+
+        return agent_token(self.url, self.token, agent_name)
 
 
 def services_missing(redis_url: str) -> str | None:
@@ -170,7 +198,8 @@ def farm_server(
 ) -> Iterator[FarmServer]:
     """Run ``servers`` ``renderfarm server`` processes on a fresh MariaDB database, a fresh
     RabbitMQ vhost, Redis and one local storage folder under ``tmp`` (one of them runs the
-    scheduler); stop them and drop the database and the vhost afterwards.
+    scheduler), sharing one JWT key; log in as the first admin and make a personal token;
+    stop them and drop the database and the vhost afterwards.
 
     Args:
         env: more environment variables for the servers (``RENDERFARM_DISPATCH_WINDOW``...).
@@ -179,9 +208,8 @@ def farm_server(
         RuntimeError: a server did not come up (with its log's tail).
     """
     from tests.mariadb import fresh_database
-    from tests.production import fresh_vhost
+    from tests.production import admin_token, fresh_vhost
 
-    token = secrets.token_urlsafe(24)
     with fresh_database("rfbench") as db_url, fresh_vhost() as amqp_url:
         storage = (tmp / "storage").resolve()
         storage.mkdir(parents=True, exist_ok=True)
@@ -192,7 +220,7 @@ def farm_server(
                 "RENDERFARM_BROKER_URL": amqp_url,
                 "RENDERFARM_CACHE_URL": redis_url,
                 "RENDERFARM_STORAGE_URL": storage.as_uri(),
-                "RENDERFARM_AGENT_TOKEN": token,
+                "RENDERFARM_JWT_KEYS": "bench:" + secrets.token_urlsafe(32),  # the same on every server
                 "RENDERFARM_SIGNING_KEY": secrets.token_urlsafe(24),
             }
         )
@@ -218,25 +246,34 @@ def farm_server(
                 urls.append(f"http://127.0.0.1:{port}")
                 logs.append(log)
                 wait_http(f"{urls[-1]}/healthz", procs[-1], log)  # one at a time: migrations
-            yield FarmServer(urls, db_url, amqp_url, redis_url, storage.as_uri(), token, procs, logs)
+            data_dir = tmp / "farm-0"  # the first server made the first admin
+            token = admin_token(urls[0], data_dir, "benchmark")
+            yield FarmServer(
+                urls, db_url, amqp_url, redis_url, storage.as_uri(), token, data_dir, procs, logs
+            )
         finally:
             for proc in procs:
                 stop_process(proc)
 
 
 async def insert_model(database_url: str) -> str:
-    """Write a model row straight into the farm's database (no file behind it); returns its id.
+    """Write a model row straight into the farm's database (no file behind it), in project
+    ``default`` (made with the first admin); returns its id.
 
     Its metadata names no scene, so jobs on it render "the file's own settings"; nothing
     reads the file in these benchmarks (simulated agents never download it).
     """
+    from sqlalchemy import select
+
     from server.persistence import Database
-    from server.persistence.tables import Model, new_id
+    from server.persistence.tables import Model, Project, new_id
 
     db = Database(database_url)
     try:
         async with db.session() as s:
+            project_id = await s.scalar(select(Project.id).where(Project.name == "default"))
             model = Model(
+                project_id=project_id,
                 id=new_id(),
                 filename="bench.blend",
                 kind="blend",
@@ -338,6 +375,7 @@ class Load:
 
 
 WRK_SCRIPT = """
+wrk.headers["Authorization"] = "Bearer %s"
 local ids = {%s}
 local n = #ids
 local threads = 0
@@ -389,7 +427,7 @@ def run_wrk(url: str, lua: Path, connections: int, threads: int, duration: float
     return Load(reqs / (dur_us / 1e6), p50 / 1000, p99 / 1000, reqs, errors)
 
 
-async def _py_load(url: str, ids: list[str], connections: int, duration: float) -> dict[str, Any]:
+async def _py_load(url: str, ids: list[str], connections: int, duration: float, token: str) -> dict[str, Any]:
     import random
 
     import aiohttp
@@ -398,7 +436,8 @@ async def _py_load(url: str, ids: list[str], connections: int, duration: float) 
     errors = 0
     stop = time.perf_counter() + duration
     conn = aiohttp.TCPConnector(limit=connections)
-    async with aiohttp.ClientSession(connector=conn) as http:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession(connector=conn, headers=headers) as http:
 
         async def worker() -> None:
             nonlocal errors
@@ -425,8 +464,8 @@ async def _py_load(url: str, ids: list[str], connections: int, duration: float) 
     }
 
 
-def run_python_load(url: str, ids_file: Path, connections: int, duration: float) -> Load:
-    """The aiohttp-client load generator, in a separate process.
+def run_python_load(url: str, ids_file: Path, connections: int, duration: float, token: str) -> Load:
+    """The aiohttp-client load generator, in a separate process, sending ``token`` on every request.
 
     Raises:
         RuntimeError: it failed.
@@ -436,6 +475,7 @@ def run_python_load(url: str, ids_file: Path, connections: int, duration: float)
         capture_output=True,
         text=True,
         timeout=duration + 120,
+        env={**os.environ, "BENCH_TOKEN": token},  # not on the command line, where ps shows it
     )
     if out.returncode != 0:
         raise RuntimeError(f"load generator failed: {out.stderr[-2000:]}")
@@ -452,7 +492,7 @@ async def prepare_job(farm: FarmServer, tasks: int) -> tuple[str, list[str]]:
     from sqlalchemy import insert
 
     from server.persistence import Database
-    from server.persistence.tables import Job, Task, new_id, utcnow
+    from server.persistence.tables import Job, Model, Task, new_id, utcnow
 
     model_id = await insert_model(farm.database_url)
     db = Database(farm.database_url)
@@ -461,10 +501,13 @@ async def prepare_job(farm: FarmServer, tasks: int) -> tuple[str, list[str]]:
     now = utcnow()
     try:
         async with db.session() as s:
+            model = await s.get(Model, model_id)
+            assert model is not None
             s.add(
                 Job(
                     id=job_id,
                     model_id=model_id,
+                    project_id=model.project_id,
                     name="status benchmark",
                     state="completed",
                     frames_spec=f"1-{tasks}",
@@ -497,7 +540,7 @@ async def prepare_job(farm: FarmServer, tasks: int) -> tuple[str, list[str]]:
     finally:
         await db.close()
     sem = asyncio.Semaphore(16)
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=farm.auth) as http:
 
         async def warm(tid: str) -> None:
             async with sem, http.get(f"{farm.url}/api/tasks/{tid}/status") as r:
@@ -508,20 +551,32 @@ async def prepare_job(farm: FarmServer, tasks: int) -> tuple[str, list[str]]:
     return job_id, ids
 
 
-def check_same_bytes(farm_url: str, bare_url: str, task_id: str) -> int:
-    """Both servers answer the same bytes for ``task_id`` (the bare one reads what the farm cached).
+def check_same_bytes(farm_url: str, bare_url: str, task_id: str, token: str) -> int:
+    """Both servers answer the same bytes for ``task_id`` (the bare one reads what the farm
+    cached), both asked with the token the load sends; the farm refuses the request without it.
 
     Returns:
         The body's size in bytes.
 
     Raises:
-        AssertionError: they differ.
+        AssertionError: they differ, or the farm answered without a token.
     """
+    import urllib.error
     import urllib.request
 
-    with urllib.request.urlopen(f"{farm_url}/api/tasks/{task_id}/status") as a:
+    try:
+        urllib.request.urlopen(f"{farm_url}/api/tasks/{task_id}/status").close()
+        raise AssertionError("the farm answered a status read without a token")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 401, exc.code
+    headers = {"Authorization": f"Bearer {token}"}
+    with urllib.request.urlopen(
+        urllib.request.Request(f"{farm_url}/api/tasks/{task_id}/status", headers=headers)
+    ) as a:
         fa = a.read()
-    with urllib.request.urlopen(f"{bare_url}/api/tasks/{task_id}/status") as b:
+    with urllib.request.urlopen(
+        urllib.request.Request(f"{bare_url}/api/tasks/{task_id}/status", headers=headers)
+    ) as b:
         fb = b.read()
     assert fa == fb, (fa, fb)
     return len(fa)
@@ -563,16 +618,16 @@ def main() -> None:
             with farm_server(tmp, redis_url) as farm, bare_server(tmp, redis_url) as bare:
                 job_id, ids = asyncio.run(prepare_job(farm, args.tasks))
                 keys = [f"task:{t}" for t in ids] + [f"job:{job_id}"]
-                size = check_same_bytes(farm.url, bare, ids[0])
+                size = check_same_bytes(farm.url, bare, ids[0], farm.token)
                 lua = tmp / "status.lua"
-                lua.write_text(WRK_SCRIPT % ", ".join(f'"{t}"' for t in ids))
+                lua.write_text(WRK_SCRIPT % (farm.token, ", ".join(f'"{t}"' for t in ids)))
                 ids_file = tmp / "ids.json"
                 ids_file.write_text(json.dumps(ids))
 
                 def load(url: str, duration: float) -> Load:
                     if use_wrk:
                         return run_wrk(url, lua, args.connections, args.threads, duration)
-                    return run_python_load(url, ids_file, args.connections, duration)
+                    return run_python_load(url, ids_file, args.connections, duration, farm.token)
 
                 load(farm.url, 2)  # warm-up: connections, code paths
                 load(bare, 2)
@@ -606,8 +661,9 @@ def main() -> None:
         f"{os.cpu_count()} CPUs shared by servers, Redis and the load generator"
     )
     print(
-        "farm: renderfarm server (MariaDB, RabbitMQ vhost, Redis cache) in its own process; "
-        "bare: aiohttp handler doing one Redis GET, in its own process"
+        "farm: renderfarm server (MariaDB, RabbitMQ vhost, Redis cache) in its own process, every "
+        "request authenticated (personal token) and its task's project looked up in MariaDB; "
+        "bare: aiohttp handler doing one Redis GET, in its own process (same requests, token ignored)"
     )
     print(
         f"  farm: {med(f.rps for f in farm_runs):8.0f} req/s   p50 {med(f.p50_ms for f in farm_runs):6.1f} ms"
@@ -628,7 +684,8 @@ def main() -> None:
 def _load_main(argv: list[str]) -> None:
     url, ids_file, connections, duration = argv
     ids = json.loads(Path(ids_file).read_text())
-    print(json.dumps(asyncio.run(_py_load(url, ids, int(connections), float(duration)))))
+    token = os.environ["BENCH_TOKEN"]
+    print(json.dumps(asyncio.run(_py_load(url, ids, int(connections), float(duration), token))))
 
 
 if __name__ == "__main__":
