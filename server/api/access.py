@@ -214,7 +214,8 @@ async def authorize(ctx: Any, request: web.Request, info: RouteInfo) -> Principa
     request[TARGET] = target
     role = p.role_in(target.project_id)
     if role is None:  # another project's object: answer as if it did not exist
-        raise Denied(404, not_found(target.kind, target.ident).message, f"{target.kind}_id", hidden=True)
+        field = "project" if info.scope == "upload" else f"{target.kind}_id"  # as for a missing one
+        raise Denied(404, not_found(target.kind, target.ident).message, field, hidden=True)
     if not allows(role, info.permission, owns=target.owner_id is not None and target.owner_id == p.user_id):
         own = (
             " on jobs of others"
