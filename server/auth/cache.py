@@ -5,9 +5,10 @@ the memberships). The result is kept here for at most :data:`TTL_S` seconds, tag
 with the farm's *access epoch*: a value in the shared cache (Redis across servers) at
 ``auth:epoch:<database>`` that every change of access replaces (a token revoked, a
 user disabled or given a new password, a role granted or removed: see
-:func:`server.auth.service`). A request reads the epoch first (one cache round trip),
-and uses a cached principal only if it was resolved under that same epoch; so a
-revocation on any server takes effect on every server from the next request on.
+:mod:`server.auth.service`). A request uses a cached principal only if it was resolved
+under the current epoch, which each process reads at most once a second
+(:data:`EPOCH_READ_S`); so a revocation takes effect at once on the server that made it
+and within a second on every other server.
 
 When the shared cache is unreachable, nothing is served from here (every request goes
 to the database); when it comes back, the local entries are dropped and a new epoch is
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 
 TTL_S = 30.0
 """Longest a resolved principal is reused, in seconds."""
+EPOCH_READ_S = 1.0
+"""How long a process reuses the access epoch it read, in seconds: a revocation on another
+server counts here within this time (on the server that made it, at once)."""
 MAX_ENTRIES = 10_000
 """Principals kept per process (least recently used dropped first)."""
 
@@ -45,16 +49,29 @@ class AccessCache:
         self.cache = cache
         self.key = "auth:epoch:" + hashlib.sha256(database_url.encode()).hexdigest()[:16]
         self._entries: OrderedDict[str, tuple[Principal, bytes, float]] = OrderedDict()
+        self._epoch: bytes | None = None
+        self._epoch_until = 0.0
         hooks = getattr(cache, "on_recover", None)
         if isinstance(hooks, list):
             hooks.append(self._recovered)
 
     async def epoch(self) -> bytes | None:
-        """The current access epoch, or None when the shared cache cannot say (then do not cache)."""
+        """The current access epoch, or None when the shared cache cannot say (then do not cache).
+
+        Read from the shared cache at most every :data:`EPOCH_READ_S` seconds; a change made
+        by this process is seen at once (:meth:`bump` resets it), one made by another server
+        within that time.
+        """
+        now = time.monotonic()
+        if self._epoch is not None and now < self._epoch_until:
+            return self._epoch
         raw = await self.cache.get_raw(self.key)
         if raw is None and not getattr(self.cache, "degraded", False):
             await self.bump()  # a new cache (or the key evicted): start an epoch
             raw = await self.cache.get_raw(self.key)
+        if raw is not None and raw != self._epoch:
+            self._entries.clear()
+        self._epoch, self._epoch_until = raw, now + EPOCH_READ_S
         return raw
 
     def get(self, token_key: str, epoch: bytes | None) -> Principal | None:
@@ -84,6 +101,7 @@ class AccessCache:
     async def bump(self) -> None:
         """Start a new epoch: every server's cached principals stop counting. Never raises."""
         self._entries.clear()
+        self._epoch = None
         await self.cache.set(self.key, {"epoch": uuid.uuid4().hex})
 
     async def _recovered(self) -> None:
