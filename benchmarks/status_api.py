@@ -22,13 +22,13 @@ Two servers run on this machine, each in its own process:
 Every request carries ``Authorization: Bearer <token>``, a valid personal token of the
 farm's first admin (the benchmark logs in with the generated password and makes one),
 to both servers alike; the bare one ignores it. The farm, per request, since accounts
-and per-project roles: reads the token (sha256 of it), one Redis ``GET`` of the access
-epoch and an in-process lookup of the principal (the token's database row is read only
-when that entry is missing or older than 30 s), then resolves the task's project for the
-permission check: one MariaDB ``SELECT`` of the task joined to its job, **on every
-request**; then the role check and the Redis ``GET task:<id>``. GETs are not audited.
-So the farm now does one database round trip and two Redis round trips per status read,
-where the bare server does one Redis round trip: the ratio measures that too.
+and per-project roles: hashes the token (sha256) and finds the principal it resolved
+before in an in-process cache (the token's database rows are read again only after 30 s
+or a change of access; the access epoch that says so is read from Redis at most once a
+second), finds the task's project in an in-process map (read from MariaDB once per task:
+a task never changes project), checks the role, then does the Redis ``GET task:<id>``.
+GETs are not audited. So after warm-up the farm does one Redis round trip per status read,
+as the bare server does, plus its Python work: the ratio measures that work.
 
 The load generator is ``wrk`` (Debian: ``apt-get install wrk``; it must be installed by
 the user), each request picking a random task among the job's; without ``wrk`` an aiohttp
