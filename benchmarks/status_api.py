@@ -662,7 +662,7 @@ def main() -> None:
     )
     print(
         "farm: renderfarm server (MariaDB, RabbitMQ vhost, Redis cache) in its own process, every "
-        "request authenticated (personal token) and its task's project looked up in MariaDB; "
+        "request authenticated (personal token) and checked against its task's project; "
         "bare: aiohttp handler doing one Redis GET, in its own process (same requests, token ignored)"
     )
     print(
