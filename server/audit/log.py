@@ -6,11 +6,12 @@ breaks the chain at that row, which :func:`verify` finds. The ``audit_head`` row
 (``id`` 1) holds the last ``seq`` and ``hash``: removing rows at the end shows as a
 head that names rows which are not there.
 
-Appends are serialised by the head row: each :func:`record` runs one transaction that
-first does ``UPDATE audit_head SET seq = seq + 1 WHERE id = 1`` (SQLite's write lock,
-a row lock on MySQL/MariaDB, held until commit), then reads the head's ``seq`` and
-``hash``, inserts the row with that ``seq`` and ``prev_hash``, and stores the new hash in
-the head. So rows from any number of coroutines and server processes get gap-free
+Appends are serialised by the head row: the rows waiting in a process (see
+:func:`record`: a group commit) are appended by one transaction that first does
+``UPDATE audit_head SET seq = seq + n WHERE id = 1`` (SQLite's write lock, a row lock on
+MySQL/MariaDB, held until commit), then reads the head's ``seq`` and ``hash``, inserts
+the ``n`` rows with the ``seq`` and ``prev_hash`` that follow, and stores the last hash
+in the head. So rows from any number of coroutines and server processes get gap-free
 ``seq`` 1, 2, 3, ... and one unbroken chain, and ``at`` grows with ``seq`` (as far as
 the servers' clocks agree). Lost connections and lock conflicts before COMMIT are
 retried (:func:`server.persistence.retry.run_in_tx`).
@@ -23,8 +24,10 @@ also rewrite every later row and the head; keep :func:`verify`'s results (or the
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -176,18 +179,80 @@ def _fields(
     }
 
 
-async def _append(session: AsyncSession, fields: dict[str, Any]) -> int:
+async def _append(session: AsyncSession, batch: list[dict[str, Any]]) -> list[int]:
     # the UPDATE comes first: it takes the write lock (SQLite) / the head's row lock (MySQL)
-    bumped = await session.execute(update(_HEAD).where(_HEAD.c.id == HEAD_ID).values(seq=_HEAD.c.seq + 1))
+    n = len(batch)
+    bumped = await session.execute(update(_HEAD).where(_HEAD.c.id == HEAD_ID).values(seq=_HEAD.c.seq + n))
     if bumped.rowcount == 0:  # type: ignore[attr-defined]
         raise _NoHead
     head = select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == HEAD_ID)
-    seq, prev_hash = (await session.execute(head)).one()
-    row = {"seq": int(seq), "at": utcnow(), **fields}
-    digest = entry_hash(prev_hash, row)
-    await session.execute(insert(_LOG).values(**row, prev_hash=prev_hash, hash=digest))
-    await session.execute(update(_HEAD).where(_HEAD.c.id == HEAD_ID).values(hash=digest))
-    return int(seq)
+    last, prev_hash = (await session.execute(head)).one()
+    rows = []
+    for seq, fields in enumerate(batch, start=int(last) - n + 1):
+        row = {"seq": seq, "at": utcnow(), **fields}
+        digest = entry_hash(prev_hash, row)
+        rows.append({**row, "prev_hash": prev_hash, "hash": digest})
+        prev_hash = digest
+    await session.execute(insert(_LOG), rows)
+    await session.execute(update(_HEAD).where(_HEAD.c.id == HEAD_ID).values(hash=prev_hash))
+    return [r["seq"] for r in rows]
+
+
+async def _append_batch(ctx: Any, batch: list[dict[str, Any]]) -> list[int]:
+    async def append(session: AsyncSession) -> list[int]:
+        return await _append(session, batch)
+
+    for _ in range(5):
+        try:
+            return await run_in_tx(ctx.db, append)
+        except _NoHead:
+            try:
+                await run_in_tx(ctx.db, _create_head)
+            except IntegrityError:  # another append created it first
+                pass
+    raise RuntimeError("the audit_head row disappeared again and again while appending")
+
+
+MAX_BATCH = 200
+"""Most rows one group commit appends."""
+
+
+class _GroupCommit:
+    """Appends of one database, batched: rows that arrive while a transaction appends the
+    previous ones go together in the next one (one head lock, one multi-row INSERT, one
+    commit). Each caller still returns only once its row is committed."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[dict[str, Any], asyncio.Future[int]]] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def submit(self, ctx: Any, fields: dict[str, Any]) -> int:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+        self.pending = [(f, x) for f, x in self.pending if x.get_loop() is loop]  # a dead loop's leftovers
+        self.pending.append((fields, fut))
+        if self.task is None or self.task.done() or self.task.get_loop() is not loop:
+            self.task = loop.create_task(self._drain(ctx), name="audit-group-commit")
+        return await fut
+
+    async def _drain(self, ctx: Any) -> None:
+        while self.pending:
+            batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
+            try:
+                seqs = await _append_batch(ctx, [f for f, _ in batch])
+            except BaseException as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            for (_, fut), seq in zip(batch, seqs, strict=True):
+                if not fut.done():
+                    fut.set_result(seq)
+
+
+_WRITERS: weakref.WeakKeyDictionary[Any, _GroupCommit] = weakref.WeakKeyDictionary()
 
 
 async def _create_head(session: AsyncSession) -> None:
@@ -221,7 +286,11 @@ async def record(
     status: int = 0,
     detail: Mapping[str, Any] | None = None,
 ) -> int:
-    """Append one row to the audit log, in a transaction of its own; returns its ``seq``.
+    """Append one row to the audit log and return its ``seq`` once it is committed.
+
+    Rows recorded at the same time by one process are committed together (a group
+    commit: one transaction appends every row waiting, in arrival order), so a busy
+    server does not wait on the head lock once per row.
 
     The row's ``at`` is the time (naive UTC, microseconds) at which this append held the
     head. ``actor``, ``actor_kind``, ``target``, ``ip`` and ``user_agent`` are cut to their
@@ -269,18 +338,10 @@ async def record(
         detail=detail,
     )
 
-    async def append(session: AsyncSession) -> int:
-        return await _append(session, fields)
-
-    for _ in range(5):
-        try:
-            return await run_in_tx(ctx.db, append)
-        except _NoHead:
-            try:
-                await run_in_tx(ctx.db, _create_head)
-            except IntegrityError:  # another append created it first
-                pass
-    raise RuntimeError("the audit_head row disappeared again and again while appending")
+    writer = _WRITERS.get(ctx.db)
+    if writer is None:
+        writer = _WRITERS[ctx.db] = _GroupCommit()
+    return await writer.submit(ctx, fields)
 
 
 _ROW_COLUMNS = (
