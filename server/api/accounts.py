@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from aiohttp import web
 from sqlalchemy import select
@@ -32,10 +33,12 @@ from server.api.auth_schemas import (
 from server.api.middleware import CTX, parse_body
 from server.api.registry import route
 from server.auth import service as auth
+from server.auth.throttle import login_gate
 from server.errors import ApiError
 from server.persistence.tables import Membership, Project
 
 LOGIN_ACTION = "auth.login"
+"""Audit action of login attempts (and of wrong current passwords on a password change)."""
 
 
 @route(
@@ -50,37 +53,56 @@ LOGIN_ACTION = "auth.login"
 )
 async def login(request: web.Request) -> web.Response:
     """Throttled per account and per client address, from the audit log's failed logins."""
-    from server.audit import log as audit_log
-
     ctx = request.app[CTX]
     req = await parse_body(request, LoginRequest)
-    s = ctx.settings
     ip = client_ip(request)
+    async with login_gate(req.username, ip):  # check, verify and record: one attempt at a time
+        await check_throttle(ctx, request, req.username, ip)
+        try:
+            session, user = await auth.login(ctx, req.username, req.password)
+        except ApiError as exc:
+            await record(
+                ctx, request, action=LOGIN_ACTION, outcome="failure", actor=req.username, status=exc.status
+            )
+            raise
+        await record(
+            ctx,
+            request,
+            action=LOGIN_ACTION,
+            outcome="success",
+            actor=user.username,
+            actor_kind="user",
+            status=200,
+        )
+    return web.json_response(session.to_dict())
+
+
+class Throttled(ApiError):
+    """429: too many failed logins; ``retry_after`` in whole seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(429, message)
+        self.retry_after = retry_after
+
+
+async def check_throttle(ctx: Any, request: web.Request, username: str, ip: str) -> None:
+    """Refuse (429, audited as ``throttled``) when the account or the address has too many
+    recent failed logins (``login_max_failures``, ``login_max_failures_ip`` in ``login_window_s``).
+
+    Raises:
+        Throttled: naming which limit was reached and when to retry.
+    """
+    from server.audit import log as audit_log
+
+    s = ctx.settings
     account, by_ip, retry_after = await audit_log.recent_failures(
-        ctx, username=req.username, ip=ip, window_s=s.login_window_s
+        ctx, username=username, ip=ip, window_s=s.login_window_s
     )
     if account >= s.login_max_failures or by_ip >= s.login_max_failures_ip:
         wait = max(1, math.ceil(retry_after))
-        await record(ctx, request, action=LOGIN_ACTION, outcome="throttled", actor=req.username, status=429)
-        err = ApiError(429, f"too many failed logins; try again in {wait} s")
-        return web.json_response(err.to_dict(), status=429, headers={"Retry-After": str(wait)})
-    try:
-        session, user = await auth.login(ctx, req.username, req.password)
-    except ApiError as exc:
-        await record(
-            ctx, request, action=LOGIN_ACTION, outcome="failure", actor=req.username, status=exc.status
-        )
-        raise
-    await record(
-        ctx,
-        request,
-        action=LOGIN_ACTION,
-        outcome="success",
-        actor=user.username,
-        actor_kind="user",
-        status=200,
-    )
-    return web.json_response(session.to_dict())
+        who = "this account" if account >= s.login_max_failures else "this address"
+        await record(ctx, request, action=LOGIN_ACTION, outcome="throttled", actor=username, status=429)
+        raise Throttled(f"too many failed logins for {who}; try again in {wait} s", wait)
 
 
 @route(
@@ -181,12 +203,24 @@ async def me(request: web.Request) -> web.Response:
     body=PasswordChange,
     status=204,
     summary="Change your password (give the current one); every token of yours is revoked",
+    also={429: "too many wrong passwords (they count as failed logins): retry after Retry-After seconds"},
 )
 async def change_password(request: web.Request) -> web.Response:
-    """403 when the current password is wrong."""
+    """403 when the current password is wrong; that counts as a failed login (throttled alike)."""
     ctx = request.app[CTX]
     req = await parse_body(request, PasswordChange)
-    await auth.change_own_password(ctx, principal_of(request), req.current_password, req.new_password)
+    p = principal_of(request)
+    ip = client_ip(request)
+    async with login_gate(p.name, ip):
+        await check_throttle(ctx, request, p.name, ip)
+        try:
+            await auth.change_own_password(ctx, p, req.current_password, req.new_password)
+        except ApiError as exc:
+            if exc.field == "current_password":
+                await record(
+                    ctx, request, action=LOGIN_ACTION, outcome="failure", actor=p.name, status=exc.status
+                )
+            raise
     return web.Response(status=204)
 
 

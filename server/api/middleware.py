@@ -22,8 +22,10 @@ CTX = web.AppKey("ctx", object)
 
 
 def error_response(err: ApiError) -> web.Response:
-    """The JSON response for ``err``."""
-    return web.json_response(err.to_dict(), status=err.status)
+    """The JSON response for ``err`` (with ``Retry-After`` when the error carries ``retry_after``)."""
+    retry_after = getattr(err, "retry_after", None)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return web.json_response(err.to_dict(), status=err.status, headers=headers)
 
 
 @web.middleware

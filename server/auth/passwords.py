@@ -14,8 +14,24 @@ MAX_LENGTH = 1024
 """Longest password accepted (argon2 takes any length; this bounds the work of a request)."""
 
 
-def check_policy(password: str) -> None:
-    """Refuse a password too short or too long.
+COMMON = frozenset(
+    {
+        "password12", "password123", "password1234", "1234567890", "12345678910", "0123456789",
+        "qwertyuiop", "1q2w3e4r5t", "qwerty1234", "qwerty12345", "iloveyou12", "admin12345",
+        "administrator", "letmein123", "welcome123", "changeme123", "passw0rd12", "abc1234567",
+        "abcdefghij", "renderfarm", "renderfarm1", "renderfarm123", "blender123", "blender1234",
+    }
+)  # fmt: skip
+"""Passwords refused outright (compared in lower case), whatever their length."""
+MIN_DISTINCT = 5
+"""Fewest different characters a password must hold (``aaaaaaaaaa`` has one)."""
+
+
+def check_policy(password: str, username: str = "") -> None:
+    """Refuse a password that is short, long, blank, repetitive, common, or the user name.
+
+    The rules follow NIST SP 800-63B 5.1.1.2: a minimum length (10 here), no composition
+    rules, but a check against commonly used and context-specific values.
 
     Raises:
         ValueError: naming the rule broken.
@@ -24,6 +40,15 @@ def check_policy(password: str) -> None:
         raise ValueError(f"password must have at least {MIN_LENGTH} characters")
     if len(password) > MAX_LENGTH:
         raise ValueError(f"password must have at most {MAX_LENGTH} characters")
+    if not password.strip():
+        raise ValueError("password must not be only spaces")
+    if len(set(password)) < MIN_DISTINCT:
+        raise ValueError(f"password must hold at least {MIN_DISTINCT} different characters")
+    lowered = password.lower()
+    if lowered in COMMON:
+        raise ValueError("password is too common; choose another")
+    if username and lowered.strip("0123456789!. ") == username.lower():
+        raise ValueError("password must not be the user name")
 
 
 def hash_password(password: str) -> str:

@@ -58,25 +58,34 @@ def keyring(ctx: Any) -> KeyRing:
     return ring
 
 
+ID_LIKE_RE = re.compile(r"^[0-9a-f]{32}$")
+"""What ids look like; a name may not, since routes take a name or an id."""
+
+
 def check_name(value: str, what: str) -> str:
     """``value`` if it is a valid user or project name.
 
     Raises:
-        ApiError: 400 naming ``what``.
+        ApiError: 400 naming ``what``: not 1-64 ASCII letters, digits or ``_ . @ -`` (not
+            starting with a symbol), or 32 hex digits (an id's shape).
     """
     if not isinstance(value, str) or not NAME_RE.match(value):
         raise ApiError(
             400,
-            f"{what} must be 1-64 letters, digits or _ . @ - (not starting with a symbol), not {value!r}",
+            f"{what} must be 1-64 ASCII letters, digits or _ . @ - (not starting with a symbol), "
+            f"not {value!r}",
             what,
         )
+    if ID_LIKE_RE.match(value):
+        raise ApiError(400, f"{what} must not look like an id (32 hex digits): {value!r}", what)
     return value
 
 
-def check_password(password: str, field: str = "password") -> None:
-    """Raises ApiError 400 naming ``field`` when the password breaks the policy."""
+def check_password(password: str, field: str = "password", username: str = "") -> None:
+    """Raises ApiError 400 naming ``field`` when the password breaks the policy
+    (:func:`server.auth.passwords.check_policy`)."""
     try:
-        passwords.check_policy(password)
+        passwords.check_policy(password, username)
     except ValueError as exc:
         raise ApiError(400, str(exc), field) from None
 
@@ -104,10 +113,13 @@ async def create_user(ctx: Any, username: str, password: str, is_admin: bool = F
         ApiError: 400 for a bad name or password, 409 when the name is taken.
     """
     check_name(username, "username")
-    check_password(password)
+    check_password(password, username=username)
     hashed = await asyncio.to_thread(passwords.hash_password, password)
 
     async def tx(s: AsyncSession) -> User:
+        same = await s.scalar(select(User.username).where(func.lower(User.username) == username.lower()))
+        if same is not None:  # Alice and alice would be told apart by nobody reading a list
+            raise ApiError(409, f"user {same!r} already exists (names differ only by case)", "username")
         user = User(username=username, password_hash=hashed, is_admin=is_admin)
         s.add(user)
         await s.flush()
@@ -147,7 +159,7 @@ async def update_user(
     """
     hashed = None
     if password is not None:
-        check_password(password)
+        check_password(password, username=ident)
         hashed = await asyncio.to_thread(passwords.hash_password, password)
 
     async def tx(s: AsyncSession) -> User:
@@ -187,6 +199,9 @@ async def change_own_password(ctx: Any, principal: Principal, current: str, new:
         user = await s.get(User, principal.user_id)
     if user is None or not await asyncio.to_thread(passwords.verify_password, user.password_hash, current):
         raise ApiError(403, "current password is wrong", "current_password")
+    if new == current:
+        raise ApiError(400, "the new password must differ from the current one", "new_password")
+    check_password(new, "new_password", user.username)
     await update_user(ctx, user.id, password=new)
 
 
@@ -270,6 +285,9 @@ async def create_project(ctx: Any, name: str) -> Project:
     check_name(name, "name")
 
     async def tx(s: AsyncSession) -> Project:
+        same = await s.scalar(select(Project.name).where(func.lower(Project.name) == name.lower()))
+        if same is not None:
+            raise ApiError(409, f"project {same!r} already exists (names differ only by case)", "name")
         p = Project(name=name)
         s.add(p)
         await s.flush()
@@ -488,8 +506,10 @@ async def login(ctx: Any, username: str, password: str) -> tuple[Session, User]:
         ApiError: 401 ``wrong user name or password`` for an unknown user, a wrong
             password or a disabled account alike (nothing tells them apart).
     """
-    async with ctx.db.session() as s:
-        user = await s.scalar(select(User).where(User.username == username))
+    user = None
+    if NAME_RE.match(username):  # else no such user (MySQL would match "admin " to "admin")
+        async with ctx.db.session() as s:
+            user = await s.scalar(select(User).where(User.username == username))
     stored = user.password_hash if user is not None else None
     ok = await asyncio.to_thread(passwords.verify_password, stored, password)
     if not ok or user is None or user.disabled_at is not None:
