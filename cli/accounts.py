@@ -162,8 +162,9 @@ def login(server: str, username: str | None, password_stdin: bool, days: int) ->
                         f"[yellow]warning:[/] could not end the login session ({escape(str(exc))}); "
                         "it expires by itself"
                     )
-        if old and old.get("token_id") and old.get("token") != created["token"]:
-            async with FarmClient(server, old["token"]) as prev:
+        old_token = credentials.sendable(old.get("token")) if old else None
+        if old and old_token and old.get("token_id") and old_token != created["token"]:
+            async with FarmClient(server, old_token) as prev:
                 try:  # the replaced token, with itself (it may belong to another user)
                     await prev.revoke_token(old["token_id"])
                 except ClientError:
@@ -199,7 +200,10 @@ def logout(server: str, forget: bool) -> None:
     async def run() -> str:
         if not entry.get("token_id"):
             return "not revoked: it was stored without its id (renderfarm token list, then token revoke ID)"
-        async with FarmClient(server, entry["token"]) as c:
+        token = credentials.sendable(entry["token"])
+        if token is None:
+            return "not revoked: the stored token was malformed, so it cannot have worked"
+        async with FarmClient(server, token) as c:
             try:
                 await c.revoke_token(entry["token_id"])
             except ClientError as exc:
@@ -312,10 +316,29 @@ def user_list(server: str, as_json: bool) -> None:
     out.print(t)
 
 
-def _self_note(server: str, name: str, what: str) -> None:
-    entry = _stored(server)
-    if entry and entry.get("username") == name:
-        _say(f"[yellow]note:[/] {what} your own account: the CLI's token was revoked too; log in again")
+def _update_user(server: str, name: str, **fields: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``PATCH`` user ``name`` with ``fields``; returns (the caller as ``GET /api/me`` saw them
+    before the change, the updated user). The caller is whoever the token in use belongs to
+    (``RENDERFARM_TOKEN`` or the stored one), asked first since the change may revoke it."""
+
+    async def go(c: FarmClient) -> tuple[dict[str, Any], dict[str, Any]]:
+        me = await c.me()
+        return me, await c.update_user(name, **fields)
+
+    return _call(server, go)
+
+
+def _self_note(server: str, me: dict[str, Any], user: dict[str, Any], what: str) -> None:
+    """A note when the caller (``me``) changed their own account (``user``): their token is gone."""
+    if me.get("id") and user.get("id"):
+        same = me["id"] == user["id"]
+    else:
+        same = me.get("username") == user.get("username")
+    if not same:
+        return
+    source = credentials.token_source(server)
+    whose = f"the token in {source}" if source == credentials.ENV_TOKEN else "the CLI's token"
+    _say(f"[yellow]note:[/] {what} your own account: {escape(whose)} was revoked too; log in again")
 
 
 @user.command("disable")
@@ -323,9 +346,9 @@ def _self_note(server: str, name: str, what: str) -> None:
 @server_option
 def user_disable(name: str, server: str) -> None:
     """Disable user NAME: they cannot log in, and every token of theirs is revoked at once."""
-    u = _call(server, lambda c: c.update_user(name, disabled=True))
+    me, u = _update_user(server, name, disabled=True)
     _say(f"user {escape(u['username'])} disabled; their tokens are revoked")
-    _self_note(server, u["username"], "you disabled")
+    _self_note(server, me, u, "you disabled")
 
 
 @user.command("enable")
@@ -344,9 +367,9 @@ def user_enable(name: str, server: str) -> None:
 def user_set_password(name: str, password_stdin: bool, server: str) -> None:
     """Set user NAME's password (asks twice); every token of theirs is revoked."""
     password = _new_password(password_stdin)
-    u = _call(server, lambda c: c.update_user(name, password=password))
+    me, u = _update_user(server, name, password=password)
     _say(f"password of {escape(u['username'])} set; their tokens are revoked")
-    _self_note(server, u["username"], "you set the password of")
+    _self_note(server, me, u, "you set the password of")
 
 
 # ------------------------------------------------------------------ projects

@@ -210,9 +210,22 @@ class FarmClient:
     # ------------------------------------------------------------ models and jobs
 
     async def upload_model(
-        self, path: Path, main: str | None = None, progress: Callable[[int], None] | None = None
+        self,
+        path: Path,
+        main: str | None = None,
+        progress: Callable[[int], None] | None = None,
+        project: str | None = None,
     ) -> dict[str, Any]:
-        """Stream a .blend or .zip to ``POST /api/models``; ``progress`` gets bytes sent so far."""
+        """Stream a .blend or .zip to ``POST /api/models``; ``progress`` gets bytes sent so far.
+
+        ``project`` (a name or id) is the project the model belongs to (``?project=``); without
+        it the server picks the caller's only project.
+
+        Raises:
+            ClientError: the server refused the upload, e.g. 400 with field ``project`` when
+                ``project`` is None and the caller belongs to several projects, 404 with field
+                ``project`` for an unknown one.
+        """
 
         async def body() -> AsyncIterator[bytes]:
             sent = 0
@@ -226,6 +239,8 @@ class FarmClient:
         params = {"filename": path.name}
         if main:
             params["main"] = main
+        if project:
+            params["project"] = project
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(path.stat().st_size)}
         return await self._json("POST", "/api/models", params=params, data=body(), headers=headers)
 

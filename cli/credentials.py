@@ -18,6 +18,7 @@ import json
 import os
 import stat
 import tempfile
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -184,14 +185,74 @@ def token_source(server: str) -> str | None:
         return None
 
 
+def _bad_char(token: str) -> tuple[int, str] | None:
+    """The first character that cannot be in a token (anything but printable ASCII other than
+    space), as ``(position, description)``; None when there is none."""
+    for i, ch in enumerate(token):
+        if "!" <= ch <= "~":
+            continue
+        if ch == " ":
+            what = "a space"
+        elif ch.isspace() or unicodedata.category(ch).startswith("C"):
+            what = f"the control character {ch!r}"
+        else:
+            what = f"the non-ASCII character {ch!r}"
+        return i, what
+    return None
+
+
+def checked_token(token: str, source: str, fix: str) -> str:
+    """``token`` without surrounding whitespace, checked to fit an HTTP header.
+
+    Args:
+        token: the token as found.
+        source: where it was found, for the message (e.g. ``RENDERFARM_TOKEN``).
+        fix: what the user should do about a bad token, for the message.
+
+    Raises:
+        CredentialsError: the token is blank, or holds a space, a control character
+            (a newline, a tab ...) or a non-ASCII character inside it. The message names
+            ``source`` and the character's position, never the token.
+    """
+    clean = token.strip()
+    if not clean:
+        raise CredentialsError(f"{source} is blank: {fix}")
+    bad = _bad_char(clean)
+    if bad is not None:
+        pos, what = bad
+        raise CredentialsError(
+            f"{source} holds {what} at position {pos + 1} of the token; a token is one word of "
+            f"printable ASCII characters: {fix}"
+        )
+    return clean
+
+
+def sendable(token: Any) -> str | None:
+    """``token`` stripped of surrounding whitespace when it can be sent in a header, else None
+    (for a stored token the CLI only tries, such as the one ``login`` replaces)."""
+    clean = str(token).strip() if token else ""
+    return clean if clean and _bad_char(clean) is None else None
+
+
 def token_for(server: str) -> str | None:
     """The token to send to ``server``: ``RENDERFARM_TOKEN`` if set, else the stored one, else None.
 
+    Surrounding whitespace (such as a trailing newline) is removed.
+
     Raises:
-        CredentialsError: the file cannot be read (and no ``RENDERFARM_TOKEN`` is set).
+        CredentialsError: the file cannot be read (and no ``RENDERFARM_TOKEN`` is set), or
+            the token in use is blank or holds a space, control or non-ASCII character
+            (see :func:`checked_token`; the message names ``RENDERFARM_TOKEN`` or the file).
     """
     env = os.environ.get(ENV_TOKEN)
     if env:
-        return env.strip()
+        return checked_token(env, ENV_TOKEN, f"set {ENV_TOKEN} to the token alone (or unset it)")
     entry = stored(server)
-    return str(entry["token"]) if entry else None
+    if not entry:
+        return None
+    url = server_key(server)
+    return checked_token(
+        str(entry["token"]),
+        f"the token stored for {url} in {credentials_path()}",
+        f"run `renderfarm login --server {url}` to replace it",
+    )

@@ -10,6 +10,7 @@ import asyncio
 import gc
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from protocol.frames import FrameSpecError, parse_frames
 
 console = Console(stderr=True)
 DEFAULT_SERVER = os.environ.get("RENDERFARM_SERVER", "http://127.0.0.1:3000")
+"""The farm client commands talk to without ``--server`` (``RENDERFARM_SERVER``, read at start)."""
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "renderfarm"
 """Same as ``server.config.DEFAULT_DATA_DIR`` (not imported, to keep the client light)."""
 
@@ -229,10 +231,12 @@ async def _log_cli_in(farm: Any) -> None:
     from server.errors import ApiError
     from server.persistence.tables import ApiToken
 
+    hint = _server_hint(farm.url)
     try:
         entry = credentials.stored(farm.url)
-        if entry:
-            async with FarmClient(farm.url, entry["token"]) as c:
+        kept = credentials.sendable(entry["token"]) if entry else None
+        if kept:
+            async with FarmClient(farm.url, kept) as c:
                 try:
                     me = await c.me()
                 except ClientError:
@@ -240,7 +244,7 @@ async def _log_cli_in(farm: Any) -> None:
             if me is not None:
                 console.print(
                     f"the CLI is logged in to {escape(farm.url)} as {escape(me['username'])} "
-                    f"(token in {escape(str(credentials.credentials_path()))})",
+                    f"(token in {escape(str(credentials.credentials_path()))}){escape(hint)}",
                     highlight=False,
                 )
                 return
@@ -258,9 +262,19 @@ async def _log_cli_in(farm: Any) -> None:
         return
     console.print(
         f"the CLI is logged in to {escape(farm.url)} as {escape(me['username'])} "
-        f"(new token in {escape(str(path))})",
+        f"(new token in {escape(str(path))}){escape(hint)}",
         highlight=False,
     )
+
+
+def _server_hint(url: str) -> str:
+    """For a farm at ``url`` other than the client commands' default (``RENDERFARM_SERVER``, else
+    http://127.0.0.1:3000, read now): `` (use --server URL or export RENDERFARM_SERVER=URL)``;
+    else ``""``."""
+    default = os.environ.get("RENDERFARM_SERVER", "http://127.0.0.1:3000")
+    if credentials.server_key(url) == credentials.server_key(default):
+        return ""
+    return f" (use --server {url} or export RENDERFARM_SERVER={url})"
 
 
 @main.command()
@@ -387,6 +401,12 @@ def _render_options(f: Any) -> Any:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_render_options
 @click.option("--main", "main_blend", default=None, help="The .blend to open inside a .zip package.")
+@click.option(
+    "--project",
+    default=None,
+    metavar="NAME",
+    help="Project (name or id) the model and job belong to (default: your only project).",
+)
 @server_option
 @click.option("--wait", is_flag=True, help="Follow the job until it finishes.")
 @click.option(
@@ -396,15 +416,23 @@ def _render_options(f: Any) -> Any:
     help="Download the frames here when the job completes (implies --wait).",
 )
 def submit(
-    file: Path, main_blend: str | None, server: str, wait: bool, download: Path | None, **job: Any
+    file: Path,
+    main_blend: str | None,
+    project: str | None,
+    server: str,
+    wait: bool,
+    download: Path | None,
+    **job: Any,
 ) -> None:
-    """Upload FILE (.blend or .zip) and submit a job rendering it."""
+    """Upload FILE (.blend or .zip) and submit a job rendering it, in project --project."""
     try:
         parse_frames(job["frames"])
     except FrameSpecError as exc:
         _fail(f"{exc} (field: frames)")
     try:
-        code = asyncio.run(_submit(file, main_blend, server, wait or download is not None, download, job))
+        code = asyncio.run(
+            _submit(file, main_blend, server, wait or download is not None, download, job, project=project)
+        )
     except KeyboardInterrupt:
         console.print(
             "stopped waiting; a submitted job keeps running on the farm (renderfarm status JOB_ID)",
@@ -422,14 +450,26 @@ async def _submit(
     download: Path | None,
     job: dict[str, Any],
     token: str | None = None,
+    project: str | None = None,
 ) -> int:
-    """Upload, submit, and (``wait``) follow; ``token`` instead of the CLI's credentials when given."""
+    """Upload (to ``project``, a name or id; default the caller's only project), submit, and
+    (``wait``) follow; ``token`` instead of the CLI's credentials when given.
+
+    Exits 2 when the server refuses a request; when no project is named and the caller has
+    several, the message lists them and asks for ``--project``."""
     async with FarmClient(server, token) if token else client_for(server) as c:
         try:
             size = file.stat().st_size
             with _progress() as p:
                 t = p.add_task(f"upload {file.name}", total=size)
-                model = await c.upload_model(file, main_blend, progress=lambda n: p.update(t, completed=n))
+                try:
+                    model = await c.upload_model(
+                        file, main_blend, progress=lambda n: p.update(t, completed=n), project=project
+                    )
+                except ClientError as exc:
+                    if exc.status == 400 and exc.field == "project" and not project:
+                        _fail(await _choose_project_message(c, exc))
+                    raise
             job["chunk_size"] = job.pop("chunk")
             created = await c.create_job(model_id=model["id"], **job)
         except ClientError as exc:
@@ -443,6 +483,21 @@ async def _submit(
         if not wait:
             return 0
         return await _follow(c, created["id"], download)
+
+
+async def _choose_project_message(c: FarmClient, exc: ClientError) -> str:
+    """The message for an upload the server refused for naming no project (400, field
+    ``project``): the server's list of the caller's projects, else the ones ``GET /api/me`` names."""
+    m = re.search(r"one of: ([^)]*)\)", str(exc))
+    names = [n.strip() for n in m.group(1).split(",") if n.strip()] if m else []
+    if not names:
+        try:
+            names = [p["name"] for p in (await c.me())["projects"]]
+        except ClientError:
+            names = []
+    if len(names) > 1:
+        return f"you belong to several projects ({', '.join(names)}): choose one with --project NAME"
+    return f"{exc}: choose a project with --project NAME"
 
 
 def _progress() -> Progress:

@@ -24,7 +24,7 @@ from cli import credentials
 from cli.client import ClientError, FarmClient
 from cli.farm import free_port
 from cli.main import _log_cli_in, main
-from server.persistence.tables import ApiToken, AuditEntry, User
+from server.persistence.tables import ApiToken, AuditEntry, Model, User
 from tests.conftest import Farm
 
 pytestmark = pytest.mark.agents(0)
@@ -136,7 +136,7 @@ async def test_wrong_password_exits_2_with_the_servers_message_then_throttled(fa
         "login", "--server", farm.url, "-u", "admin", "--password-stdin", input=admin_password(farm)
     )
     assert res.exit_code == 2
-    assert "too many failed logins; try again in" in flat(res.stderr)
+    assert "too many failed logins" in flat(res.stderr) and "try again in" in flat(res.stderr)
 
     res = await cli("login", "--server", farm.url, "--password-stdin", input="x\n")
     assert res.exit_code == 2 and "--password-stdin needs --username" in flat(res.stderr)
@@ -490,4 +490,160 @@ def test_renderfarm_up_logs_the_cli_in_for_submit(tmp_path: Path) -> None:
             out = proc.communicate(timeout=30)[1]
         finally:
             proc.kill()
-    assert "the CLI is logged in to" in " ".join(out.split())
+    assert "the CLI is logged in to" in flat(out)
+    # not the default server: say how client commands reach it
+    assert f"(use --server {url} or export RENDERFARM_SERVER={url})" in flat(out)
+
+
+async def test_submit_project_option_and_the_choice_when_in_several_projects(
+    farm: Farm, home: Path, sample_blend: Path
+) -> None:
+    await login(farm, "admin", admin_password(farm))
+    res = await cli(
+        "user", "create", "gus", "--server", farm.url, "--password-stdin", input="gus-password-1\n"
+    )
+    assert res.exit_code == 0, res.output
+    res = await cli("project", "create", "shots", "--server", farm.url)
+    assert res.exit_code == 0, res.output
+    for name in ("default", "shots"):
+        res = await cli("project", "add-member", name, "gus", "--role", "artist", "--server", farm.url)
+        assert res.exit_code == 0, res.output
+    gus_home = home.parent / "gus"
+    await login(farm, "gus", "gus-password-1", gus_home)
+    gus = {"XDG_CONFIG_HOME": str(gus_home)}
+
+    res = await cli("submit", str(sample_blend), "--frames", "1", "--server", farm.url, env=gus)
+    assert res.exit_code == 2, res.output
+    assert "you belong to several projects (default, shots): choose one with --project NAME" in flat(
+        res.stderr
+    )
+    assert res.stdout == ""
+    async with farm.ctx.db.session() as s:
+        assert (await s.scalars(select(Model))).all() == []  # nothing was kept
+
+    res = await cli(
+        "submit", str(sample_blend), "--project", "shots", "--frames", "1", "--server", farm.url, env=gus
+    )
+    assert res.exit_code == 0, res.output
+    job_id = res.stdout.strip()
+    shots = await farm.client.project("shots")
+    job = await farm.client.job(job_id)
+    assert job["project_id"] == shots["id"] and job["owner"] == "gus"
+    async with farm.ctx.db.session() as s:
+        models = (await s.scalars(select(Model))).all()
+    assert [m.project_id for m in models] == [shots["id"]]
+
+    res = await cli(
+        "submit", str(sample_blend), "--project", "nope", "--frames", "1", "--server", farm.url, env=gus
+    )
+    assert res.exit_code == 2 and "nope" in flat(res.stderr) and "field: project" in flat(res.stderr)
+    # the admin belongs to one project (default): no --project needed
+    res = await cli("submit", str(sample_blend), "--frames", "1", "--server", farm.url)
+    assert res.exit_code == 0, res.output
+    default = await farm.client.project("default")
+    assert (await farm.client.job(res.stdout.strip()))["project_id"] == default["id"]
+
+
+@pytest.mark.parametrize("bad", ["rfp_abc\ndef", "rfp_abc\tdef", "rfp_abc def", "rfp_abc\x1bdef"])
+async def test_a_token_with_a_control_character_or_space_exits_2_naming_its_source(
+    farm: Farm, home: Path, bad: str
+) -> None:
+    res = await cli("whoami", "--server", farm.url, env={credentials.ENV_TOKEN: bad})
+    assert res.exit_code == 2, res.output  # and no traceback (catch_exceptions=False would raise it)
+    err = flat(res.stderr)
+    assert "RENDERFARM_TOKEN holds" in err and "position 8" in err and "set RENDERFARM_TOKEN" in err
+    assert bad not in res.stderr  # the token itself is not shown
+
+    await login(farm, "admin", admin_password(farm))
+    good = stored(home, farm.url)["token"]
+    # surrounding whitespace (a pasted token's newline) is removed, from either source
+    res = await cli("whoami", "--server", farm.url, env={credentials.ENV_TOKEN: f" {good}\r\n"})
+    assert res.exit_code == 0 and "admin (admin)" in res.stdout, res.output
+    credentials.store(farm.url, good + "\n", "admin", stored(home, farm.url)["token_id"])
+    res = await cli("whoami", "--server", farm.url)
+    assert res.exit_code == 0 and "admin (admin)" in res.stdout, res.output
+
+    path = home / "renderfarm" / "credentials.json"
+    credentials.store(farm.url, bad, "admin", "t-bad")
+    res = await cli("whoami", "--server", farm.url)
+    assert res.exit_code == 2, res.output
+    err = flat(res.stderr)
+    # (rich folds the long path: compare without the line breaks it put inside it)
+    assert f"the token stored for {farm.url} in {path} holds" in res.stderr.replace("\n", "")
+    assert f"renderfarm login --server {farm.url}" in err
+    res = await cli("status", "j1", "--server", farm.url)
+    assert res.exit_code == 2 and f"the token stored for {farm.url}" in flat(res.stderr)
+    # logout and `up`'s own login cope with the bad stored token instead of crashing
+    res = await cli("logout", "--server", farm.url)
+    assert res.exit_code == 0 and "malformed" in flat(res.stderr), res.output
+    assert credentials.stored(farm.url) is None
+    credentials.store(farm.url, bad, "admin", "t-bad")
+    await _log_cli_in(farm)
+    assert await works(farm.url, stored(home, farm.url)["token"])
+
+
+def test_token_for_strips_and_refuses_blank_tokens(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(credentials.ENV_TOKEN, "  rfp_env\n")
+    assert credentials.token_for("http://farm:3000") == "rfp_env"
+    monkeypatch.setenv(credentials.ENV_TOKEN, " \n")
+    with pytest.raises(credentials.CredentialsError, match="RENDERFARM_TOKEN is blank"):
+        credentials.token_for("http://farm:3000")
+    monkeypatch.setenv(credentials.ENV_TOKEN, "rfp_\u00e9x")
+    with pytest.raises(credentials.CredentialsError, match="non-ASCII"):
+        credentials.token_for("http://farm:3000")
+    monkeypatch.delenv(credentials.ENV_TOKEN)
+    credentials.store("http://farm:3000", "rfp_a\tb", "ann", "t1")
+    with pytest.raises(
+        credentials.CredentialsError, match=r"the token stored for http://farm:3000 in .*'\\t'"
+    ):
+        credentials.token_for("http://farm:3000")
+    assert credentials.sendable("rfp_a\tb") is None and credentials.sendable(" rfp_a\n") == "rfp_a"
+
+
+async def test_self_note_is_about_the_caller_not_the_stored_login(
+    farm: Farm, home: Path, tmp_path: Path
+) -> None:
+    await login(farm, "admin", admin_password(farm))  # the stored credentials are admin's
+    res = await cli("user", "create", "carol", "--admin", "--server", farm.url, input="carol-pass-1\n" * 2)
+    assert res.exit_code == 0, res.output
+    await login(farm, "carol", "carol-pass-1", tmp_path / "carol")
+    carol = {credentials.ENV_TOKEN: stored(tmp_path / "carol", farm.url)["token"]}
+
+    res = await cli("user", "disable", "admin", "--server", farm.url, env=carol)
+    assert res.exit_code == 0, res.output
+    assert "user admin disabled" in flat(res.stderr) and "your own account" not in res.stderr
+    res = await cli("user", "enable", "admin", "--server", farm.url, env=carol)
+    assert res.exit_code == 0, res.output
+
+    # carol, through RENDERFARM_TOKEN, changes her own account: the note names that token
+    res = await cli(
+        "user", "set-password", "carol", "--server", farm.url, "--password-stdin",
+        input="carol-pass-2\n", env=carol,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert (
+        "note: you set the password of your own account: the token in RENDERFARM_TOKEN was revoked too"
+        in flat(res.stderr)
+    )
+    # the stored login's own user, through the stored token
+    await login(farm, "admin", admin_password(farm))
+    res = await cli(
+        "user", "set-password", "admin", "--server", farm.url, "--password-stdin", input="admin-pass-22\n"
+    )
+    assert res.exit_code == 0, res.output
+    assert "your own account: the CLI's token was revoked too" in flat(res.stderr)
+
+
+async def test_up_says_how_to_reach_a_farm_that_is_not_the_default_server(
+    farm: Farm, home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hint = f"(use --server {farm.url} or export RENDERFARM_SERVER={farm.url})"
+    await _log_cli_in(farm)  # no RENDERFARM_SERVER: the default is http://127.0.0.1:3000
+    err = flat(capsys.readouterr().err)
+    assert f"the CLI is logged in to {farm.url} as admin" in err and hint in err
+    await _log_cli_in(farm)  # the kept token: the same hint
+    assert hint in flat(capsys.readouterr().err)
+    monkeypatch.setenv("RENDERFARM_SERVER", farm.url + "/")
+    await _log_cli_in(farm)
+    err = flat(capsys.readouterr().err)
+    assert f"the CLI is logged in to {farm.url} as admin" in err and "RENDERFARM_SERVER" not in err
