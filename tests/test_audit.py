@@ -68,6 +68,7 @@ async def _drop_triggers(db: Database) -> None:
     if db.backend == "mysql":
         await _sql(db, "DROP TRIGGER IF EXISTS audit_log_no_update")
         await _sql(db, "DROP TRIGGER IF EXISTS audit_log_no_delete")
+        await _sql(db, "DROP TRIGGER IF EXISTS audit_head_no_delete")
 
 
 async def _rows(db: Database) -> list[dict[str, Any]]:
@@ -515,6 +516,7 @@ async def test_the_database_refuses_to_change_audit_rows(ctx: SimpleNamespace) -
     for sql in (
         "UPDATE audit_log SET outcome = 'failure' WHERE seq = 2",
         "DELETE FROM audit_log WHERE seq = 3",
+        "DELETE FROM audit_head",
     ):
         with pytest.raises(DBAPIError) as err:
             await _sql(ctx.db, sql)

@@ -44,6 +44,7 @@ from server.persistence.tables import Job, Model, Project, Task
 log = logging.getLogger(__name__)
 PRINCIPAL = web.RequestKey("principal", object)
 TARGET = web.RequestKey("target", object)
+NOTE = web.RequestKey("audit_note", dict)
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -63,6 +64,16 @@ class Denied(ApiError):
     def __init__(self, status: int, message: str, field: str | None = None, hidden: bool = False) -> None:
         super().__init__(status, message, field)
         self.hidden = hidden
+
+
+def note(request: web.Request, target: str | None = None, **detail: Any) -> None:
+    """Say more in the request's audit row: what was made (``target``, e.g. ``job_id=...``) and
+    facts about the change (``detail``; never a secret)."""
+    current = request.get(NOTE) or {}
+    if target is not None:
+        current["target"] = target
+    current.setdefault("detail", {}).update(detail)
+    request[NOTE] = current
 
 
 def principal_of(request: web.Request) -> Principal:
@@ -163,7 +174,9 @@ async def _resolve_target(ctx: Any, request: web.Request, info: RouteInfo, p: Pr
             if len(mine) == 1:
                 return Target("project", mine[0], mine[0])
             if not mine and not p.is_admin:
-                raise Denied(403, f"you may not {info.permission.replace(':', ' ')} in any project")
+                raise Denied(
+                    403, f"you hold {info.permission} in no project (ask a manager for the artist role)"
+                )
             names = (await s.scalars(select(Project.name).where(Project.id.in_(mine)))).all()
             hint = f" (one of: {', '.join(sorted(names))})" if names else ""
             raise ApiError(400, f"name the project with ?project=NAME{hint}", "project")
@@ -248,7 +261,14 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
     except Denied as exc:
         await audit_request(ctx, request, info, exc.status, "denied", exc.message)
         raise
-    if request.method in SAFE_METHODS or not info.audit:
+    if request.method in SAFE_METHODS:
+        try:
+            return await handler(request)
+        except ApiError as exc:  # a read refused by the handler itself (a signed link's signature)
+            if exc.status in (401, 403):
+                await audit_request(ctx, request, info, exc.status, "denied", exc.message)
+            raise
+    if not info.audit:
         return await handler(request)
     try:
         resp = await handler(request)
@@ -310,6 +330,10 @@ async def audit_request(
     detail: dict[str, Any] = {"method": request.method, "path": request.path[:255]}
     if message:
         detail["message"] = message[:500]
+    extra = request.get(NOTE)
+    if isinstance(extra, dict):
+        target = extra.get("target") or target
+        detail.update(extra.get("detail") or {})
     await record(
         ctx,
         request,

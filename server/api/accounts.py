@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy import select
 
-from server.api.access import client_ip, principal_of, record, target_of
+from server.api.access import client_ip, note, principal_of, record, target_of
 from server.api.auth_schemas import (
     AgentTokenCreate,
     LoginRequest,
@@ -126,7 +126,7 @@ async def refresh(request: web.Request) -> web.Response:
             request,
             action="auth.refresh_reuse",
             outcome="denied",
-            actor=exc.user_id or "",
+            actor=await auth.username_of(ctx, exc.user_id),
             actor_kind="user",
             target=f"family={exc.family}",
             status=401,
@@ -249,6 +249,7 @@ async def create_user(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     req = await parse_body(request, UserCreate)
     user = await auth.create_user(ctx, req.username, req.password, req.is_admin)
+    note(request, f"user={user.username}", user_id=user.id, is_admin=user.is_admin)
     return web.json_response(auth.user_out(user), status=201)
 
 
@@ -265,6 +266,12 @@ async def update_user(request: web.Request) -> web.Response:
     """409 when it would leave no enabled admin."""
     ctx = request.app[CTX]
     req = await parse_body(request, UserUpdate)
+    changes: dict[str, object] = {
+        k: v for k, v in (("disabled", req.disabled), ("is_admin", req.is_admin)) if v is not None
+    }
+    if req.password is not None:
+        changes["password_changed"] = True  # never the password itself
+    note(request, changes=changes)
     user = await auth.update_user(
         ctx,
         request.match_info["user_id"],
@@ -272,7 +279,8 @@ async def update_user(request: web.Request) -> web.Response:
         password=req.password,
         is_admin=req.is_admin,
     )
-    return web.json_response(auth.user_out(user))
+    note(request, f"user={user.username}", user_id=user.id)
+    return web.json_response(await auth.user_with_projects(ctx, user))
 
 
 # ------------------------------------------------------------------ projects
@@ -308,6 +316,7 @@ async def create_project(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     req = await parse_body(request, ProjectCreate)
     proj = await auth.create_project(ctx, req.name)
+    note(request, f"project={proj.name}", project_id=proj.id)
     return web.json_response({"id": proj.id, "name": proj.name, "role": "admin", "members": []}, status=201)
 
 
@@ -340,6 +349,7 @@ async def set_member(request: web.Request) -> web.Response:
     """Admins and the project's managers."""
     ctx = request.app[CTX]
     req = await parse_body(request, MemberSet)
+    note(request, role=req.role)
     out = await auth.set_member(
         ctx, target_of(request).project_id or "", request.match_info["user"], req.role
     )
@@ -394,6 +404,7 @@ async def create_token(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     req = await parse_body(request, TokenCreate)
     out, token = await auth.create_personal_token(ctx, principal_of(request), req.name, req.expires_days)
+    note(request, f"token_id={out['id']}", name=out["name"], expires_at=out["expires_at"])
     return web.json_response({**out, "token": token}, status=201)
 
 
@@ -411,6 +422,7 @@ async def create_agent_token(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     req = await parse_body(request, AgentTokenCreate)
     out, token = await auth.create_agent_token(ctx, req.agent_name, principal_of(request).name, req.name)
+    note(request, f"token_id={out['id']}", agent_name=req.agent_name, name=out["name"])
     return web.json_response({**out, "token": token}, status=201)
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+
+NO_CONTROLS = r"^[^\x00-\x1f\x7f\u202a-\u202e\u2066-\u2069]*$"
+"""No control characters, and no bidirectional overrides (which make a name read as another)."""
 
 
 class _Strict(BaseModel):
@@ -132,15 +135,15 @@ class ProjectList(BaseModel):
 class TokenCreate(_Strict):
     """``POST /api/tokens``: a personal API token for the CLI or the Blender add-on."""
 
-    name: str = Field(min_length=1, max_length=255)
-    expires_days: float = Field(90, gt=0, le=365)
+    name: str = Field(min_length=1, max_length=255, pattern=NO_CONTROLS)
+    expires_days: StrictInt | StrictFloat = Field(90, ge=1 / 24, le=365, description="1 hour to 365 days")
 
 
 class AgentTokenCreate(_Strict):
     """``POST /api/agent-tokens``: a token a node agent registers with, bound to its name."""
 
     agent_name: str = Field(min_length=1, max_length=128)
-    name: str = Field("", max_length=255)
+    name: str = Field("", max_length=255, pattern=NO_CONTROLS)
 
 
 class TokenOut(BaseModel):

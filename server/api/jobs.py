@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy import select
 
-from server.api.access import principal_of, target_of
+from server.api.access import note, principal_of, target_of
 from server.api.middleware import CTX, json_ok, parse_body
 from server.api.registry import route
 from server.api.schemas import JobCreate, JobList, JobSummary, JobUpdate, TaskList, TaskOut, TaskStatus
@@ -45,6 +45,7 @@ async def create_job(request: web.Request) -> web.Response:
     req = await parse_body(request, JobCreate)
     p = principal_of(request)
     job = await service.create_job(ctx, req.model_dump() | {"owner": p.name, "owner_id": p.user_id})
+    note(request, f"job_id={job.id}", model_id=job.model_id, frames=job.frames_spec, pool=job.pool)
     return web.json_response(await service.job_summary(ctx, job.id), status=201)
 
 
@@ -136,6 +137,9 @@ async def job_events(request: web.Request) -> web.StreamResponse:
                 break
             if time.monotonic() - checked > RESYNC_S:
                 if not await _still_allowed(request):
+                    why = "access to this job ended (token revoked, account disabled or role removed)"
+                    gone = {"type": "error", "status": 401, "message": why}
+                    await resp.write(f"event: error\ndata: {json.dumps(gone)}\n\n".encode())
                     break
                 checked = time.monotonic()
             try:
@@ -237,6 +241,7 @@ async def update_job(request: web.Request) -> web.Response:
     ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
     req = await parse_body(request, JobUpdate)
     job_id = request.match_info["job_id"]
+    note(request, priority=req.priority)
     await service.set_priority(ctx, job_id, req.priority)
     return web.json_response(await service.job_summary(ctx, job_id))
 

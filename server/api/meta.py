@@ -124,7 +124,13 @@ def build_openapi() -> dict[str, Any]:
             ok["content"] = {"application/json": {"schema": {"type": "object"}}}
         op["responses"][str(info.status)] = ok
         for code, why in info.also.items():
-            op["responses"][str(code)] = {**ok, "description": why}
+            if code >= 400:
+                op["responses"][str(code)] = {
+                    "description": why,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+                }
+            else:
+                op["responses"][str(code)] = {**ok, "description": why}
         op["security"], op["x-roles"] = _security(info.permission)
         if info.scope:
             op["x-scope"] = info.scope

@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy import select
 
-from server.api.access import principal_of, target_of
+from server.api.access import note, principal_of, target_of
 from server.api.middleware import CTX, json_ok
 from server.api.registry import route
 from server.api.schemas import ModelList, ModelOut
@@ -114,6 +114,7 @@ async def upload_model(request: web.Request) -> web.Response:
         project_id = target_of(request).project_id
         existing = await _same_model(ctx, sha, request.query.get("main") or None, project_id)
         if existing is not None:  # the same bytes again: no second copy, no second inspection
+            note(request, f"model_id={existing.id}", sha256=sha, same_as_before=True)
             return json_ok(model_out(existing), status=200)
         try:
             async with ctx.inspect_slots:
@@ -158,6 +159,9 @@ async def upload_model(request: web.Request) -> web.Response:
             except Exception:
                 await ctx.storage.delete(key)
                 raise
+        note(
+            request, f"model_id={row.id}", filename=row.filename, sha256=row.sha256, size_bytes=row.size_bytes
+        )
         return json_ok(model_out(row), status=201)
     finally:
         await asyncio.to_thread(shutil.rmtree, work, True)

@@ -186,6 +186,8 @@ async def update_user(
 
     user = await run_in_tx(ctx.db, tx)
     await access_cache(ctx).bump()
+    if hashed is not None and user.username == BOOTSTRAP_ADMIN:  # the generated one is void now
+        (ctx.settings.data_dir / "secrets" / "initial-admin-password").unlink(missing_ok=True)
     return user
 
 
@@ -222,6 +224,27 @@ async def list_users(ctx: Any) -> list[dict[str, Any]]:
     return [user_out(u, by_user.get(u.id, [])) for u in users]
 
 
+async def user_with_projects(ctx: Any, user: User) -> dict[str, Any]:
+    """:func:`user_out` of ``user`` with their memberships."""
+    async with ctx.db.session() as s:
+        rows = (
+            await s.execute(
+                select(Project.id, Project.name, Membership.role)
+                .join(Membership, Membership.project_id == Project.id)
+                .where(Membership.user_id == user.id)
+            )
+        ).all()
+    return user_out(user, [{"id": i, "name": n, "role": r} for i, n, r in rows])
+
+
+async def username_of(ctx: Any, user_id: str | None) -> str:
+    """The user name of ``user_id`` ("" when unknown)."""
+    if not user_id:
+        return ""
+    async with ctx.db.session() as s:
+        return await s.scalar(select(User.username).where(User.id == user_id)) or ""
+
+
 def user_out(u: User, projects: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """The API shape of a user (never the hash)."""
     return {
@@ -255,6 +278,7 @@ async def bootstrap_admin(ctx: Any) -> str | None:
         if exc.status == 409:
             return None
         raise
+    await _system_audit(ctx, "auth.bootstrap_admin", f"user={admin.username}", user_id=admin.id)
     try:  # a first project, so that the admin (and renderfarm up) can upload and submit at once
         project = await create_project(ctx, DEFAULT_PROJECT)
         await set_member(ctx, project.id, admin.id, "manager")
@@ -391,11 +415,12 @@ async def authenticate(ctx: Any, authorization: str | None) -> Principal:
         ApiError: 401 naming what is wrong: no bearer token, malformed, expired, revoked,
             signed with an unknown key, or the user disabled.
     """
-    if not authorization or not authorization.startswith("Bearer "):
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:  # the scheme is case-insensitive (RFC 9110 11.1)
         raise ApiError(
             401, "authentication required: send Authorization: Bearer <token> (see renderfarm login)"
         )
-    token = authorization[len("Bearer ") :].strip()
     kind = opaque_kind(token)
     if kind == "refresh":
         raise ApiError(401, "a refresh token cannot call the API; exchange it at /api/auth/refresh")
@@ -626,8 +651,8 @@ async def create_personal_token(
     """
     if not name.strip() or len(name) > 255:
         raise ApiError(400, "name must be 1-255 characters", "name")
-    if expires_days is None or not 0 < expires_days <= MAX_TOKEN_DAYS:
-        raise ApiError(400, f"expires_days must be above 0 and at most {MAX_TOKEN_DAYS}", "expires_days")
+    if expires_days is None or not 1 / 24 <= expires_days <= MAX_TOKEN_DAYS:
+        raise ApiError(400, f"expires_days must be from 1/24 (an hour) to {MAX_TOKEN_DAYS}", "expires_days")
     token = new_opaque("personal")
     row = ApiToken(
         kind="personal",
@@ -689,7 +714,9 @@ async def list_tokens(
         q = q.where(ApiToken.kind == "agent")
     elif kind in (None, "personal"):
         q = q.where(ApiToken.kind == "personal")
-        if not (all_users and principal.is_admin):
+        if all_users and not principal.is_admin:
+            raise ApiError(403, "only an admin lists every user's tokens", "all")
+        if not all_users:
             q = q.where(ApiToken.user_id == principal.user_id)
     else:
         raise ApiError(400, f"kind must be personal or agent, not {kind!r}", "kind")
@@ -717,6 +744,21 @@ async def revoke_token(ctx: Any, principal: Principal, token_id: str) -> dict[st
         return token_out(row)
 
 
+async def _system_audit(ctx: Any, action: str, target: str, **detail: Any) -> None:
+    """An audit row for what the farm does by itself (no request): first admin, local tokens."""
+    from server.audit import log as audit_log
+
+    await audit_log.record(
+        ctx,
+        action=action,
+        outcome="success",
+        actor="renderfarm",
+        actor_kind="system",
+        target=target,
+        detail=detail,
+    )
+
+
 LOCAL = "renderfarm (local)"
 """``created_by`` of the tokens an embedded farm makes for itself."""
 
@@ -737,7 +779,8 @@ async def local_agent_token(ctx: Any, agent_name: str) -> str:
         )
         await s.commit()
     await access_cache(ctx).bump()
-    _, token = await create_agent_token(ctx, agent_name, LOCAL, f"local agent {agent_name}")
+    out, token = await create_agent_token(ctx, agent_name, LOCAL, f"local agent {agent_name}")
+    await _system_audit(ctx, "auth.local_agent_token", f"token_id={out['id']}", agent_name=agent_name)
     return token
 
 
@@ -758,5 +801,8 @@ async def local_admin_token(ctx: Any, name: str, days: float = 30) -> str:
         if admin is None:
             raise ApiError(409, "the farm has no enabled admin")
         principal = await _user_principal(s, admin)
-    _, token = await create_personal_token(ctx, principal, name, days)
+    out, token = await create_personal_token(ctx, principal, name, days)
+    await _system_audit(
+        ctx, "auth.local_admin_token", f"token_id={out['id']}", user=principal.name, name=name
+    )
     return token

@@ -4,11 +4,13 @@ Revision ID: 0003
 Revises: 0002
 Create Date: 2026-11-30
 
-On MySQL/MariaDB two triggers, ``audit_log_no_update`` (BEFORE UPDATE) and
-``audit_log_no_delete`` (BEFORE DELETE), raise ``SQLSTATE '45000'`` (error 1644) for every
-row, so no statement can change or remove audit rows, even one run by hand with the
-application's account. They do not stop ``TRUNCATE``, ``DROP`` or someone who may drop
-triggers; :func:`server.audit.log.verify` detects those changes from the hash chain.
+On MySQL/MariaDB three triggers, ``audit_log_no_update`` (BEFORE UPDATE),
+``audit_log_no_delete`` (BEFORE DELETE) and ``audit_head_no_delete`` (BEFORE DELETE on
+``audit_head``), raise ``SQLSTATE '45000'`` (error 1644) for every row, so no statement can
+change or remove audit rows or the head, even one run by hand with the application's
+account. They do not stop ``TRUNCATE``, ``DROP`` or someone who may drop triggers;
+:func:`server.audit.log.verify` detects those changes from the hash chain (and the API's
+verify, an emptied log on a farm that has users).
 
 Creating triggers needs the ``TRIGGER`` privilege, and with binary logging on also
 ``SUPER`` (or ``log_bin_trust_function_creators``). An account without them gets a
@@ -34,10 +36,11 @@ depends_on: str | Sequence[str] | None = None
 log = logging.getLogger(__name__)
 
 TRIGGERS = {
-    "audit_log_no_update": "UPDATE",
-    "audit_log_no_delete": "DELETE",
+    "audit_log_no_update": ("audit_log", "UPDATE"),
+    "audit_log_no_delete": ("audit_log", "DELETE"),
+    "audit_head_no_delete": ("audit_head", "DELETE"),
 }
-"""Trigger name -> the statement it refuses on ``audit_log``."""
+"""Trigger name -> the table and the statement it refuses (the head may move on, never go)."""
 PRIVILEGE_ERRORS = frozenset({1142, 1227, 1419})
 """MySQL/MariaDB errors meaning the account may not create triggers (TRIGGER command denied,
 SUPER needed, SUPER needed with binary logging)."""
@@ -48,14 +51,15 @@ def _mysql() -> bool:
 
 
 def upgrade() -> None:
-    """Create the two triggers on MySQL/MariaDB (a warning instead when the account may not)."""
+    """Create the triggers on MySQL/MariaDB (a warning instead when the account may not)."""
     if not _mysql():
         return
-    for name, statement in TRIGGERS.items():
+    for name, (table, statement) in TRIGGERS.items():
         try:
             op.execute(
-                f"CREATE TRIGGER {name} BEFORE {statement} ON audit_log FOR EACH ROW "
-                f"SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'audit_log is append-only: {statement} refused'"
+                f"CREATE TRIGGER {name} BEFORE {statement} ON {table} FOR EACH ROW "
+                "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = "
+                f"'the audit log is append-only: {statement} refused'"
             )
         except DBAPIError as exc:
             if mysql_error_code(exc) not in PRIVILEGE_ERRORS:
