@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 NO_CONTROLS = r"^[^\x00-\x1f\x7f\u202a-\u202e\u2066-\u2069]*$"
 """No control characters, and no bidirectional overrides (which make a name read as another)."""
@@ -136,7 +136,7 @@ class TokenCreate(_Strict):
     """``POST /api/tokens``: a personal API token for the CLI or the Blender add-on."""
 
     name: str = Field(min_length=1, max_length=255, pattern=NO_CONTROLS)
-    expires_days: StrictInt | StrictFloat = Field(90, ge=1 / 24, le=365, description="1 hour to 365 days")
+    expires_days: float = Field(90, ge=1 / 24, le=365, strict=True, description="1 hour to 365 days")
 
 
 class AgentTokenCreate(_Strict):
