@@ -23,6 +23,7 @@ from yarl import URL
 from cli.client import FarmClient
 from cli.farm import free_port, running_farm
 from node_agent.inputs import input_url
+from server.auth.service import local_admin_token
 from server.storage import ObjectNotFoundError, StorageKeyError, StorageUnavailableError, open_storage
 from server.storage.local import LocalStorage
 from server.storage.s3 import S3Storage, parse_s3_url
@@ -348,7 +349,7 @@ async def test_farm_renders_lists_serves_and_zips_frames(
     settings = farm_settings(tmp_path / "farm", storage_url=url)
     async with (
         running_farm(settings, port=free_port(), agents=1) as farm,
-        FarmClient(farm.url) as client,
+        FarmClient(farm.url, await local_admin_token(farm.ctx, "tests")) as client,
         aiohttp.ClientSession() as plain,  # no credentials of any kind
     ):
         storage = farm.ctx.storage
@@ -388,7 +389,7 @@ async def test_farm_renders_lists_serves_and_zips_frames(
 
         # one frame: a redirect to a short-lived presigned URL on S3, the file itself locally
         one = f"{farm.url}/api/jobs/{job['id']}/outputs/2"
-        async with client.http.get(one, allow_redirects=False) as r:
+        async with client.http.get(one, allow_redirects=False, headers=client.auth) as r:
             if backend == "s3":
                 assert r.status == 302
                 location = r.headers["Location"]
@@ -396,12 +397,12 @@ async def test_farm_renders_lists_serves_and_zips_frames(
                 assert int(dict(parse_qsl(urlsplit(location).query))["X-Amz-Expires"]) <= 300
             else:
                 assert r.status == 200
-        async with plain.get(one) as r:  # redirect followed
+        async with plain.get(one, headers=client.auth) as r:  # redirect followed, with no token for S3
             body = await r.read()
             assert r.status == 200 and hashlib.sha256(body).hexdigest() == out["frames"][1]["sha256"]
 
         # the zip, streamed from storage
-        async with plain.get(f"{farm.url}/api/jobs/{job['id']}/outputs.zip") as r:
+        async with plain.get(f"{farm.url}/api/jobs/{job['id']}/outputs.zip", headers=client.auth) as r:
             assert r.status == 200 and r.headers["Content-Type"] == "application/zip"
             raw = await r.read()
         with zipfile.ZipFile(io.BytesIO(raw)) as zf:
@@ -421,17 +422,19 @@ async def test_farm_renders_lists_serves_and_zips_frames(
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(storage, "open_read", failing_open)
             with pytest.raises(aiohttp.ClientPayloadError):
-                async with plain.get(f"{farm.url}/api/jobs/{job['id']}/outputs.zip") as r:
+                async with plain.get(
+                    f"{farm.url}/api/jobs/{job['id']}/outputs.zip", headers=client.auth
+                ) as r:
                     assert r.status == 200
                     await r.read()
 
         # a frame whose object vanished: the zip leaves it out; with none left, a clean 404
         await storage.delete(f"jobs/{job['id']}/frames/frame_000002.png")
-        async with plain.get(f"{farm.url}/api/jobs/{job['id']}/outputs.zip") as r:
+        async with plain.get(f"{farm.url}/api/jobs/{job['id']}/outputs.zip", headers=client.auth) as r:
             names = zipfile.ZipFile(io.BytesIO(await r.read())).namelist()
         assert names == ["frame_000001.png"]
         await storage.delete(f"jobs/{job['id']}/frames/frame_000001.png")
-        async with plain.get(f"{farm.url}/api/jobs/{job['id']}/outputs.zip") as r:
+        async with plain.get(f"{farm.url}/api/jobs/{job['id']}/outputs.zip", headers=client.auth) as r:
             assert r.status == 404 and "missing from storage" in (await r.json())["error"]["message"]
 
 
@@ -442,17 +445,21 @@ async def test_upload_while_the_bucket_is_gone_is_503_and_keeps_nothing(
     url = make_bucket(s3_endpoint)
     settings = farm_settings(tmp_path / "farm", storage_url=url)
     async with running_farm(settings, port=free_port(), agents=0) as farm, FarmClient(farm.url) as client:
+        client.token = token = await local_admin_token(farm.ctx, "tests")
         await farm.ctx.storage.check()
         _client(s3_endpoint).delete_bucket(Bucket=_bucket(url))
         with open(sample_blend, "rb") as fh:
             data = fh.read()
         async with client.http.post(
-            f"{farm.url}/api/models", params={"filename": "scene.blend"}, data=data
+            f"{farm.url}/api/models",
+            params={"filename": "scene.blend"},
+            data=data,
+            headers={"Authorization": f"Bearer {token}"},
         ) as r:
             err = (await r.json())["error"]
         assert r.status == 503 and "storage is unavailable" in err["message"]
         assert _bucket(url) not in err["message"]  # the store's details stay in the server log
-        async with client.http.get(f"{farm.url}/api/models") as r:
+        async with client.http.get(f"{farm.url}/api/models", headers=client.auth) as r:
             assert (await r.json())["models"] == []
         async with client.http.get(f"{farm.url}/healthz") as r:  # the outage shows in the health check
             health = await r.json()
