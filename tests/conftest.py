@@ -62,9 +62,17 @@ class Farm:
         """The admin's ``Authorization`` header, for raw HTTP calls."""
         return {"Authorization": f"Bearer {self.token}"}
 
-    async def agent_token(self, name: str) -> str:
-        """A new agent token bound to agent ``name``."""
+    async def agent_token(self, name: str, register: bool = False, pool: str = "default") -> str:
+        """A new agent token bound to agent ``name``; with ``register``, the agent also registers
+        (in ``pool``), as it must before it may claim a task."""
         _, token = await create_agent_token(self.ctx, name, "tests")
+        if register:
+            async with self.client.http.post(
+                f"{self.url}/api/agent/register",
+                json={"pool": pool},
+                headers={"Authorization": f"Bearer {token}"},
+            ) as r:
+                assert r.status == 200, await r.text()
         return token
 
 

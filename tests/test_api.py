@@ -179,6 +179,9 @@ async def test_agent_routes_need_the_agent_token(farm: Farm) -> None:
     assert status == 403 and "agent token" in err["error"]["message"]
 
     sim = await farm.agent_token("sim")
+    status, err = await _req(farm, "POST", claim, token=sim, json={})
+    assert status == 409 and "not registered" in err["error"]["message"]  # an agent registers first
+    sim = await farm.agent_token("sim", register=True)
     status, spec = await _req(farm, "POST", claim, token=sim, json={})
     assert status == 200 and spec["frames"] == [1]
     lease = spec["lease_id"]
@@ -206,7 +209,7 @@ async def test_agent_routes_need_the_agent_token(farm: Farm) -> None:
     assert task["state"] == "running" and task["agent"] == "sim"
 
     _, listing = await _req(farm, "GET", "/api/tokens?kind=agent")
-    [row] = [t for t in listing["tokens"] if t["agent_name"] == "sim"]
+    row = [t for t in listing["tokens"] if t["agent_name"] == "sim"][-1]  # the registered one
     status, _ = await _req(farm, "DELETE", f"/api/tokens/{row['id']}")
     assert status == 200
     status, err = await _req(
@@ -221,7 +224,7 @@ async def test_frames_are_stored_once_and_missing_frames_fail_the_task(
     farm: Farm, sample_blend: Path
 ) -> None:
     """An agent simulated over HTTP (no render needed): leases, duplicate uploads, missing frames."""
-    token = await farm.agent_token("sim")
+    token = await farm.agent_token("sim", register=True)
     model = await farm.client.upload_model(sample_blend)
     job = await farm.client.create_job(model_id=model["id"], frames="1-2", chunk_size=2)
     [task] = await farm.client.tasks(job["id"])
@@ -235,7 +238,7 @@ async def test_frames_are_stored_once_and_missing_frames_fail_the_task(
         farm,
         "POST",
         f"/api/agent/tasks/{tid}/claim",
-        token=await farm.agent_token("other"),
+        token=await farm.agent_token("other", register=True),
         json={"agent": "other"},
     )
     assert status == 409  # already leased
@@ -324,7 +327,7 @@ async def test_cancel_of_a_queued_job_and_of_a_finished_one(farm: Farm, sample_b
         farm,
         "POST",
         f"/api/agent/tasks/{task['id']}/claim",
-        token=await farm.agent_token("late"),
+        token=await farm.agent_token("late", register=True),
         json={"agent": "late"},
     )
     assert status == 409  # a canceled task is not handed out

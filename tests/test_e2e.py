@@ -213,6 +213,10 @@ async def test_a_restarted_farm_finishes_queued_and_orphaned_tasks(
             # an agent takes the first task and dies: no heartbeat, no result
             _, doomed = await create_agent_token(first.ctx, "doomed", "tests")
             async with c.http.post(
+                f"{first.url}/api/agent/register", headers={"Authorization": f"Bearer {doomed}"}, json={}
+            ) as r:
+                assert r.status == 200
+            async with c.http.post(
                 f"{first.url}/api/agent/tasks/{task['id']}/claim",
                 json={"agent": "doomed"},
                 headers={"Authorization": f"Bearer {doomed}"},

@@ -299,8 +299,8 @@ async def test_node_agent_registers_heartbeats_and_goes_offline_when_stopped(
     )  # no name: it learns its token's
     runner = asyncio.create_task(agent.run())
     try:
-        for _ in range(100):
-            if (await _agents(api)).get("node-7", {}).get("online"):
+        for _ in range(100):  # online in the database, and the agent has read the server's answer
+            if (await _agents(api)).get("node-7", {}).get("online") and agent.registration:
                 break
             await asyncio.sleep(0.05)
         a = (await _agents(api))["node-7"]

@@ -152,7 +152,7 @@ async def build_world(farm: Farm, sample_blend: Path, *, frame: bool = True) -> 
         r = await call(farm, "POST", "/api/tokens", r.body["access_token"], json={"name": "rbac"})
         assert r.status == 201, r.body
         w.tokens[user] = r.body["token"]
-    w.tokens["agent"] = await farm.agent_token(AGENT)
+    w.tokens["agent"] = await farm.agent_token(AGENT, register=True)
 
     r = await call(
         farm,

@@ -372,19 +372,22 @@ async def _refresh_job_state(s: AsyncSession, job: Job) -> bool:
 async def claim_task(ctx: FarmContext, task_id: str, agent: str) -> TaskSpec:
     """Lease a queued task to ``agent`` and return what it needs to render it.
 
-    A registered agent takes only tasks of the pool it registered in.
+    An agent must have registered, and takes only tasks of the pool it registered in.
 
     Raises:
         ApiError: 404 unknown task; 409 when the task is no longer wanted (canceled,
-            finished, or already leased to another attempt) or is for another pool.
+            finished, or already leased to another attempt), is for another pool, or the agent
+            has not registered.
     """
     lease_id = new_id()
     now = utcnow()
     async with ctx.db.session() as s:
         pool = await s.scalar(select(Agent.pool).where(Agent.name == agent))
+        if pool is None:
+            raise ApiError(409, f"agent {agent!r} is not registered: POST /api/agent/register first", "agent")
         res = await s.execute(
             update(Task)
-            .where(Task.id == task_id, Task.state == sm.QUEUED, *([Task.pool == pool] if pool else []))
+            .where(Task.id == task_id, Task.state == sm.QUEUED, Task.pool == pool)
             .values(
                 state=sm.RUNNING,
                 attempts=Task.attempts + 1,
@@ -411,7 +414,7 @@ async def claim_task(ctx: FarmContext, task_id: str, agent: str) -> TaskSpec:
             raise not_found("task", task_id)
         task, job, model = row
         if res.rowcount != 1:
-            if pool and task.pool != pool:
+            if task.pool != pool:
                 raise ApiError(
                     409, f"task {task_id} is for pool {task.pool!r}; agent {agent!r} takes {pool!r}"
                 )
