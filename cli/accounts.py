@@ -15,6 +15,7 @@ import asyncio
 import json
 import socket
 import sys
+import unicodedata
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -88,8 +89,21 @@ def _table(*columns: str) -> Table:
     return t
 
 
+def printable(text: str) -> str:
+    """``text`` with every control, format or line-separator character (terminal escapes,
+    zero-width and bidirectional marks) shown as an escape such as ``\\x1b`` or ``\\u202e``:
+    what others typed (a user name tried at login, a token name) must not act on the terminal."""
+    out = []
+    for c in text:
+        if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp"):
+            out.append(f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
 def _row(t: Table, *cells: Any) -> None:
-    t.add_row(*(escape("" if c is None else str(c)) for c in cells))
+    t.add_row(*(escape(printable("" if c is None else str(c))) for c in cells))
 
 
 def json_option(f: Any) -> Any:

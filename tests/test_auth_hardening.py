@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 from sqlalchemy import select, text
 
-from server.persistence.tables import Task, User
+from server.persistence.tables import AuditEntry, Task, User
 from tests.conftest import Farm
 from tests.test_auth import audit_rows, login, make_user, personal_token
 from tests.test_rbac import Reply, call
@@ -169,6 +169,12 @@ async def test_names_unique_regardless_of_case_ascii_and_never_id_shaped(farm: F
 async def test_weak_passwords_refused_naming_the_rule(farm: Farm) -> None:
     weak = {
         " " * 10: "spaces",
+        "\u200b" * 10: "invisible",
+        "abcde\u0000\u0000\u0000\u0000\u0000": "invisible",
+        "P@ssw0rd!!": "too easy to guess",
+        "1qaz2wsx3edc": "too easy to guess",
+        "abcdeabcde": "too easy to guess",
+        "longusernamelongusername": "too easy to guess",
         "aaaaaaaaaa": "different characters",
         "password12": "common",
         "1234567890": "common",
@@ -328,6 +334,19 @@ async def test_verify_reports_an_emptied_audit_log(farm: Farm) -> None:
     r = await call(farm, "GET", "/api/audit/verify", farm.token)
     assert r.status == 200, r.body
     assert r.body["ok"] is False and "emptied" in r.body["reason"], r.body
+    # one failed login by anyone writes seq 1 of a fresh chain: still not a farm's log
+    r = await call(farm, "POST", "/api/auth/login", json={"username": "nobody", "password": "x" * 12})
+    assert r.status == 401
+    r = await call(farm, "GET", "/api/audit/verify", farm.token)
+    assert r.body["ok"] is False and r.body["first_broken_seq"] == 1, r.body
+    assert "does not begin with the farm's first admin" in r.body["reason"], r.body
+
+
+@pytest.mark.agents(0)
+async def test_the_log_begins_with_the_first_admin(farm: Farm) -> None:
+    async with farm.ctx.db.session() as s:
+        first = (await s.execute(select(AuditEntry).where(AuditEntry.seq == 1))).scalar_one()
+    assert (first.action, first.actor, first.actor_kind) == ("auth.bootstrap_admin", "renderfarm", "system")
 
 
 # ------------------------------------------------------------------ 7. the Bearer scheme
@@ -348,7 +367,19 @@ async def test_bearer_scheme_is_case_insensitive(farm: Farm) -> None:
 
 @pytest.mark.agents(0)
 async def test_token_names_lives_and_all_checked(farm: Farm) -> None:
-    for name in ("bad\u0000name", "evil\u202etxt.exe", "tab\there", "iso\u2066late"):
+    for name in (
+        "bad\u0000name",
+        "evil\u202etxt.exe",
+        "tab\there",
+        "iso\u2066late",
+        "csi\u009b31m",  # a C1 control: one byte of ESC [ on some terminals
+        "nel\u0085x",
+        "line\u2028sep",
+        "zero\u200bwidth",
+        "rlm\u200fx",
+        "alm\u061cx",
+        "bom\ufeffx",
+    ):
         r = await call(farm, "POST", "/api/tokens", farm.token, json={"name": name})
         assert r.status == 400 and r.body["error"]["field"] == "name", (name, r.body)
         r = await call(farm, "POST", "/api/agent-tokens", farm.token, json={"agent_name": "n1", "name": name})

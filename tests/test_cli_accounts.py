@@ -406,6 +406,15 @@ async def test_audit_list_and_verify(farm: Farm, home: Path) -> None:
     res = await cli("audit", "--since", "yesterday", "--server", farm.url)
     assert res.exit_code == 2 and "since" in res.stderr
 
+    # a user name tried at login is whatever anyone typed: the table shows escapes, never raw ones
+    async with FarmClient(farm.url) as anonymous:
+        with pytest.raises(ClientError):
+            await anonymous.login("\x1b[2J\x1b]0;PWNED\x07evil\x9b31m", "x" * 12)
+    res = await cli("audit", "--action", "auth.login", "--limit", "1", "--server", farm.url)
+    assert res.exit_code == 0, res.output
+    assert "\x1b" not in res.stdout and "\x9b" not in res.stdout and "\x07" not in res.stdout
+    assert "\\x1b[2J" in res.stdout.replace("\n", "").replace(" ", ""), res.stdout
+
     res = await cli("audit", "verify", "--server", farm.url)
     assert res.exit_code == 0, res.output
     assert "audit log intact" in res.stdout

@@ -12,8 +12,9 @@ from sqlalchemy import func, select
 from server.api.middleware import CTX
 from server.api.registry import route
 from server.audit import log as audit_log
+from server.auth.service import BOOTSTRAP_ACTION
 from server.errors import ApiError
-from server.persistence.tables import User
+from server.persistence.tables import AuditEntry, User
 
 
 class AuditEntryOut(BaseModel):
@@ -129,12 +130,19 @@ async def verify_audit(request: web.Request) -> web.Response:
     """Walks every row (constant memory)."""
     ctx = request.app[CTX]
     result = dataclasses.asdict(await audit_log.verify(ctx))
-    if result["ok"] and result["checked"] == 0:
+    if result["ok"]:
         async with ctx.db.session() as s:
             users = await s.scalar(select(func.count()).select_from(User))
-        if users:  # the first admin's creation is always logged: an empty log was emptied
+            first = await s.scalar(select(AuditEntry.action).where(AuditEntry.seq == 1))
+        # a farm's log begins with the creation of its first admin: a log that does not was
+        # emptied (rows and head), perhaps then written to again from seq 1
+        if users and first is None:
+            result.update(ok=False, reason="the audit log is empty but the farm has users: it was emptied")
+        elif users and first != BOOTSTRAP_ACTION:
             result.update(
                 ok=False,
-                reason="the audit log is empty but the farm has users: it was emptied (rows and head)",
+                first_broken_seq=1,
+                reason="the audit log does not begin with the farm's first admin: it was emptied and "
+                "begun again, or rows were removed from its start",
             )
     return web.json_response(result)

@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+import unicodedata
+from typing import Annotated
 
-NO_CONTROLS = r"^[^\x00-\x1f\x7f\u202a-\u202e\u2066-\u2069]*$"
-"""No control characters, and no bidirectional overrides (which make a name read as another)."""
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool
+
+
+def no_hidden(value: str) -> str:
+    """``value`` when it holds no control, format or line-separator character (Unicode categories
+    Cc, Cf, Zl, Zp: C0/C1 controls and terminal escapes, zero-width and bidirectional marks, which
+    make a name read as another or act on a terminal).
+
+    Raises:
+        ValueError: naming the first such character.
+    """
+    for i, c in enumerate(value):
+        if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp"):
+            raise ValueError(f"must not hold control or invisible characters (U+{ord(c):04X} at {i})")
+    return value
+
+
+PlainText = Annotated[str, AfterValidator(no_hidden)]
 
 
 class _Strict(BaseModel):
@@ -135,7 +152,7 @@ class ProjectList(BaseModel):
 class TokenCreate(_Strict):
     """``POST /api/tokens``: a personal API token for the CLI or the Blender add-on."""
 
-    name: str = Field(min_length=1, max_length=255, pattern=NO_CONTROLS)
+    name: PlainText = Field(min_length=1, max_length=255)
     expires_days: float = Field(90, ge=1 / 24, le=365, strict=True, description="1 hour to 365 days")
 
 
@@ -143,7 +160,7 @@ class AgentTokenCreate(_Strict):
     """``POST /api/agent-tokens``: a token a node agent registers with, bound to its name."""
 
     agent_name: str = Field(min_length=1, max_length=128)
-    name: str = Field("", max_length=255, pattern=NO_CONTROLS)
+    name: PlainText = Field("", max_length=255)
 
 
 class TokenOut(BaseModel):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from zxcvbn import zxcvbn
 
 _HASHER = PasswordHasher()  # argon2id, RFC 9106 "low memory" profile: t=3, m=64 MiB, p=4
 _DUMMY = _HASHER.hash("not a password of anyone")
@@ -27,11 +30,19 @@ MIN_DISTINCT = 5
 """Fewest different characters a password must hold (``aaaaaaaaaa`` has one)."""
 
 
+MIN_SCORE = 3
+"""Lowest zxcvbn score accepted: 3 is "safely unguessable" (about 10^10 guesses; the scale is 0-4)."""
+
+
 def check_policy(password: str, username: str = "") -> None:
     """Refuse a password that is short, long, blank, repetitive, common, or the user name.
 
     The rules follow NIST SP 800-63B 5.1.1.2: a minimum length (10 here), no composition
-    rules, but a check against commonly used and context-specific values.
+    rules, but a check against commonly used and context-specific values, here a short
+    blocklist and then zxcvbn (Dropbox's estimator: dictionaries of common passwords,
+    names and words, keyboard patterns, repeats, dates, l33t; the user name as a
+    context word), which must score at least :data:`MIN_SCORE`. Control and invisible
+    (format) characters are refused: they cannot be typed reliably and hide what is there.
 
     Raises:
         ValueError: naming the rule broken.
@@ -42,6 +53,8 @@ def check_policy(password: str, username: str = "") -> None:
         raise ValueError(f"password must have at most {MAX_LENGTH} characters")
     if not password.strip():
         raise ValueError("password must not be only spaces")
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in password):
+        raise ValueError("password must not hold control or invisible characters")
     if len(set(password)) < MIN_DISTINCT:
         raise ValueError(f"password must hold at least {MIN_DISTINCT} different characters")
     lowered = password.lower()
@@ -49,6 +62,11 @@ def check_policy(password: str, username: str = "") -> None:
         raise ValueError("password is too common; choose another")
     if username and lowered.strip("0123456789!. ") == username.lower():
         raise ValueError("password must not be the user name")
+    verdict = zxcvbn(password[:100], user_inputs=[username] if username else [])
+    if verdict["score"] < MIN_SCORE:
+        feedback = verdict.get("feedback") or {}
+        hint = feedback.get("warning") or " ".join(feedback.get("suggestions") or [])
+        raise ValueError("password is too easy to guess" + (f": {hint}" if hint else ""))
 
 
 def hash_password(password: str) -> str:

@@ -37,6 +37,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 AGENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 """Agent names bound to agent tokens."""
 BOOTSTRAP_ADMIN = "admin"
+BOOTSTRAP_ACTION = "auth.bootstrap_admin"
+"""The audit action of the first admin's creation: the first row of every farm's audit log."""
 DEFAULT_PROJECT = "default"
 """The project made with the first admin."""
 """User name of the admin made on the first start."""
@@ -272,13 +274,14 @@ async def bootstrap_admin(ctx: Any) -> str | None:
         if await s.scalar(select(func.count()).select_from(User)):
             return None
     password = secrets.token_urlsafe(18)
+    # logged first, so that the log of a farm always begins with it (see GET /api/audit/verify)
+    await _system_audit(ctx, BOOTSTRAP_ACTION, f"user={BOOTSTRAP_ADMIN}")
     try:
         admin = await create_user(ctx, BOOTSTRAP_ADMIN, password, is_admin=True)
     except ApiError as exc:
         if exc.status == 409:
             return None
         raise
-    await _system_audit(ctx, "auth.bootstrap_admin", f"user={admin.username}", user_id=admin.id)
     try:  # a first project, so that the admin (and renderfarm up) can upload and submit at once
         project = await create_project(ctx, DEFAULT_PROJECT)
         await set_member(ctx, project.id, admin.id, "manager")
@@ -692,6 +695,15 @@ async def create_agent_token(
     )
 
     async def tx(s: AsyncSession) -> None:
+        twin = await s.scalar(
+            select(ApiToken.agent_name).where(
+                ApiToken.kind == "agent",
+                func.lower(ApiToken.agent_name) == agent_name.lower(),
+                ApiToken.agent_name != agent_name,
+            )
+        )
+        if twin is not None:  # node01 and Node01 would be two agents nobody tells apart
+            raise ApiError(409, f"agent {twin!r} exists: names may not differ only by case", "agent_name")
         s.add(row)
 
     await run_in_tx(ctx.db, tx)
