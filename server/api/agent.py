@@ -39,7 +39,9 @@ async def claim(request: web.Request) -> web.Response:
     """409 when the task is no longer wanted: the agent drops the message."""
     ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
     req = await parse_body(request, ClaimRequest)
-    spec = await service.claim_task(ctx, request.match_info["task_id"], _own_name(request, req.agent))
+    spec = await service.claim_task(
+        ctx, request.match_info["task_id"], _own_name(request, req.agent), registered=True
+    )
     return web.json_response(spec.to_dict())
 
 

@@ -369,10 +369,11 @@ async def _refresh_job_state(s: AsyncSession, job: Job) -> bool:
 
 
 @retry_on_disconnect
-async def claim_task(ctx: FarmContext, task_id: str, agent: str) -> TaskSpec:
+async def claim_task(ctx: FarmContext, task_id: str, agent: str, registered: bool = False) -> TaskSpec:
     """Lease a queued task to ``agent`` and return what it needs to render it.
 
-    An agent must have registered, and takes only tasks of the pool it registered in.
+    A registered agent takes only tasks of the pool it registered in; with ``registered``
+    (what the agent API asks), an agent that has not registered takes nothing.
 
     Raises:
         ApiError: 404 unknown task; 409 when the task is no longer wanted (canceled,
@@ -383,11 +384,11 @@ async def claim_task(ctx: FarmContext, task_id: str, agent: str) -> TaskSpec:
     now = utcnow()
     async with ctx.db.session() as s:
         pool = await s.scalar(select(Agent.pool).where(Agent.name == agent))
-        if pool is None:
+        if pool is None and registered:
             raise ApiError(409, f"agent {agent!r} is not registered: POST /api/agent/register first", "agent")
         res = await s.execute(
             update(Task)
-            .where(Task.id == task_id, Task.state == sm.QUEUED, Task.pool == pool)
+            .where(Task.id == task_id, Task.state == sm.QUEUED, *([Task.pool == pool] if pool else []))
             .values(
                 state=sm.RUNNING,
                 attempts=Task.attempts + 1,
@@ -414,7 +415,7 @@ async def claim_task(ctx: FarmContext, task_id: str, agent: str) -> TaskSpec:
             raise not_found("task", task_id)
         task, job, model = row
         if res.rowcount != 1:
-            if task.pool != pool:
+            if pool and task.pool != pool:
                 raise ApiError(
                     409, f"task {task_id} is for pool {task.pool!r}; agent {agent!r} takes {pool!r}"
                 )
