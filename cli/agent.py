@@ -12,7 +12,7 @@ import aiohttp
 from node_agent.agent import NodeAgent, ServerError
 from node_agent.capabilities import detect
 from node_agent.executor.local import LocalExecutor
-from node_agent.inputs import InputCache
+from node_agent.inputs import DEFAULT_MAX_BYTES, InputCache
 from server.broker import open_broker
 from server.config import DEFAULT_DATA_DIR, redact_url
 
@@ -27,6 +27,7 @@ async def run_agent(
     work_dir: Path | None,
     blender: str | None,
     console: Any,
+    input_cache_bytes: int = DEFAULT_MAX_BYTES,
 ) -> None:
     """Register with ``server``, then consume the pool's queue until SIGINT/SIGTERM.
 
@@ -44,7 +45,9 @@ async def run_agent(
     for sig in (signal.SIGINT, signal.SIGTERM):  # from the start: also while registering
         loop.add_signal_handler(sig, me.cancel)
     try:
-        name = await _serve(server, token, broker_url, name, pool, tags, work_dir, blender, console)
+        name = await _serve(
+            server, token, broker_url, name, pool, tags, work_dir, blender, console, input_cache_bytes
+        )
     except asyncio.CancelledError:
         pass
     console.print(f"agent {name or ''} stopped")
@@ -60,6 +63,7 @@ async def _serve(
     work_dir: Path | None,
     blender: str | None,
     console: Any,
+    input_cache_bytes: int = DEFAULT_MAX_BYTES,
 ) -> str:
     work = work_dir or DEFAULT_DATA_DIR / "agent"  # replaced by agent-<name> once the name is known
     caps = detect(blender, tags)
@@ -72,6 +76,7 @@ async def _serve(
         name=name,
         pool=pool,
         capabilities=caps,  # type: ignore[arg-type]
+        input_cache_bytes=input_cache_bytes,
     )
 
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
@@ -85,7 +90,7 @@ async def _serve(
     name = agent.name
     if work_dir is None:
         agent.work_dir = DEFAULT_DATA_DIR / f"agent-{name}"
-        agent.inputs = InputCache(agent.work_dir / "inputs")
+        agent.inputs = InputCache(agent.work_dir / "inputs", max_bytes=agent.inputs.max_bytes)
     url = broker_url or reg.get("broker_url")
     if not url:
         raise ValueError(

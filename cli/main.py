@@ -334,6 +334,13 @@ def server(host: str, port: int, config_file: Path | None, **flags: Any) -> None
 @click.option(
     "--blender", default=None, help="Blender binary (default: blender on PATH, else the bpy module)."
 )
+@click.option(
+    "--cache-size",
+    type=click.FloatRange(min=0.001),
+    default=20.0,
+    show_default=True,
+    help="GiB of models the agent keeps in its input cache; least recently used ones go past it.",
+)
 def agent(
     server: str,
     token: str,
@@ -343,12 +350,26 @@ def agent(
     tags: tuple[str, ...],
     work_dir: Path | None,
     blender: str | None,
+    cache_size: float,
 ) -> None:
     """Run one node agent: register with SERVER, take tasks from the broker, render, report."""
     from cli.agent import run_agent
 
     try:
-        asyncio.run(run_agent(server, token, broker_url, name, pool, list(tags), work_dir, blender, console))
+        asyncio.run(
+            run_agent(
+                server,
+                token,
+                broker_url,
+                name,
+                pool,
+                list(tags),
+                work_dir,
+                blender,
+                console,
+                input_cache_bytes=int(cache_size * (1 << 30)),
+            )
+        )
     except (ValueError, BlenderNotFound) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from node_agent.executor.base import BlenderRun, Executor, RunOutcome
-from node_agent.inputs import InputCache
+from node_agent.inputs import DEFAULT_MAX_BYTES, InputCache
 from node_agent.logparse import parse_line
 from node_agent.outputs import check_image
 from protocol.frames import format_frames
@@ -104,6 +104,8 @@ class NodeAgent:
         register: register with the server and heartbeat every ``heartbeat_s`` seconds.
         replace: take the name over from another live process (the in-process agents of one
             farm, whose data folder lock already makes them unique).
+        input_cache_bytes: cap of the input cache in ``work_dir/inputs``, in bytes (models used
+            least recently are removed past it; see :mod:`node_agent.inputs`).
     """
 
     def __init__(
@@ -118,6 +120,7 @@ class NodeAgent:
         capabilities: dict[str, Any] | None = None,
         register: bool = True,
         replace: bool = False,
+        input_cache_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self.server_url = server_url.rstrip("/")
         self.token = token
@@ -126,7 +129,7 @@ class NodeAgent:
         self.executor = executor
         self.name = name or ""
         """The agent's name: the one its agent token is bound to (learnt at registration when not given)."""
-        self.inputs = InputCache(self.work_dir / "inputs")
+        self.inputs = InputCache(self.work_dir / "inputs", max_bytes=input_cache_bytes)
         self.pool = pool
         self.capabilities = capabilities if capabilities is not None else {}
         self.register_with_server = register

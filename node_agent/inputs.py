@@ -1,4 +1,10 @@
-"""The agent's input cache: each model fetched once, verified by SHA-256, kept read-only."""
+"""The agent's input cache: each model fetched once, verified by SHA-256, kept read-only.
+
+The cache holds at most ``max_bytes`` (the files as unpacked on disk); past that, the
+models used least recently are removed, never the one just fetched (the agent renders one
+task at a time, so that is the only one in use). A model's last use is the modification
+time of its ``ready`` marker, touched on every fetch, so the order survives a restart.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ from server.model_manager.limits import ModelLimits
 
 BLEND_NAME = "model.blend"
 """Name of a lone .blend in the cache."""
+DEFAULT_MAX_BYTES = 20 << 30
+"""Default cap of an agent's input cache: 20 GiB."""
 
 
 class InputError(Exception):
@@ -28,14 +36,29 @@ class InputError(Exception):
 
 
 class InputCache:
-    """Models under ``root/<sha256>/files/``; a ``ready`` marker says a folder is complete.
+    """Models under ``root/<sha256>/files/``; a ``ready`` marker says a folder is complete and
+    holds its size in bytes.
 
     Concurrent fetches of the same model in one process share one download.
+
+    Args:
+        root: the cache's folder.
+        limits: caps on unpacking a zip package.
+        max_bytes: the most the cache keeps on disk, in bytes (least recently used models go).
+
+    Attributes:
+        downloads: models downloaded since start (a cache hit downloads nothing).
+        evicted: models removed to stay under ``max_bytes`` since start.
     """
 
-    def __init__(self, root: Path, limits: ModelLimits | None = None) -> None:
+    def __init__(
+        self, root: Path, limits: ModelLimits | None = None, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> None:
         self.root = Path(root)
         self.limits = limits or ModelLimits()
+        self.max_bytes = max_bytes
+        self.downloads = 0
+        self.evicted = 0
         self._locks: dict[str, asyncio.Lock] = {}
 
     def files_dir(self, spec: TaskSpec) -> Path:
@@ -54,8 +77,13 @@ class InputCache:
             raise InputError(f"bad model hash {sha!r}")
         folder = self.root / sha
         async with self._locks.setdefault(sha, asyncio.Lock()):
-            if not (folder / "ready").exists():
+            if (folder / "ready").exists():
+                (folder / "ready").touch()  # used now: the last to be evicted
+            else:
                 await self._download(http, server_url, spec, folder)
+                self.downloads += 1
+                for gone in await asyncio.to_thread(self._evict, sha):
+                    self._locks.pop(gone, None)
         files = (folder / "files").resolve()
         # A lone .blend is cached under one name, whatever it was uploaded as: the same
         # content may come under several names, and the cache is keyed by content.
@@ -102,13 +130,55 @@ class InputCache:
             else:
                 os.replace(raw, files / BLEND_NAME)
             await asyncio.to_thread(_make_read_only, files)
-            (staging / "ready").touch()
+            (staging / "ready").write_text(str(await asyncio.to_thread(_tree_bytes, files)))
             if folder.exists():
                 await asyncio.to_thread(shutil.rmtree, folder, True)
             os.replace(staging, folder)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, staging, True)
             raise
+
+    def entries(self) -> list[tuple[float, int, str]]:
+        """``(last use as a Unix time, size in bytes, sha256)`` of each complete model, oldest use first."""
+        out = []
+        if not self.root.is_dir():
+            return out
+        for d in self.root.iterdir():
+            ready = d / "ready"
+            if d.name.startswith(".") or not ready.is_file():
+                continue
+            try:
+                size = int(ready.read_text() or 0)
+            except (OSError, ValueError):
+                size = _tree_bytes(d / "files")
+            out.append((ready.stat().st_mtime, size, d.name))
+        return sorted(out)
+
+    def _evict(self, keep: str) -> list[str]:
+        """Remove least recently used models (never ``keep``) until the cache fits; their hashes."""
+        entries = self.entries()
+        total = sum(size for _, size, _ in entries)
+        gone = []
+        for _, size, sha in entries:
+            if total <= self.max_bytes:
+                break
+            if sha == keep:
+                continue
+            shutil.rmtree(self.root / sha, ignore_errors=True)
+            gone.append(sha)
+            total -= size
+            self.evicted += 1
+        return gone
+
+
+def _tree_bytes(root: Path) -> int:
+    """Bytes of the files under ``root``."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
 
 
 def input_url(server_url: str, url: str) -> tuple[URL, bool]:
