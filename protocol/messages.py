@@ -112,7 +112,7 @@ class TaskSpec(_Shape):
     output_format: str = "PNG"
     timeout_s: float = 3600.0
     stall_timeout_s: float = 600.0
-    heartbeat_s: float = 1.0
+    heartbeat_s: float = 5.0
 
 
 @dataclass(frozen=True)

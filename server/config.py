@@ -45,7 +45,8 @@ class Settings:
         lease_s: seconds an agent's lease lasts without a heartbeat.
         task_timeout_s: hard limit of one render attempt, in seconds.
         stall_timeout_s: an attempt with no Blender output for this long is killed.
-        heartbeat_s: how often agents heartbeat (and learn about cancels), in seconds.
+        heartbeat_s: how often agents heartbeat (and learn about cancels), in seconds (default 5,
+            with the 30 s lease: six heartbeats may be lost before a task is taken back).
         download_url_ttl_s: seconds a signed download link stays valid.
         max_frame_pixels: largest frame a job may ask for (width x height in pixels after
             the resolution percentage); 16384 x 16384 by default.
@@ -85,7 +86,7 @@ class Settings:
     lease_s: float = 30.0
     task_timeout_s: float = 3600.0
     stall_timeout_s: float = 600.0
-    heartbeat_s: float = 1.0
+    heartbeat_s: float = 5.0
     download_url_ttl_s: int = 3600
     max_frame_pixels: int = 16384 * 16384
     blender: str | None = None
