@@ -35,6 +35,7 @@ from sqlalchemy import select
 from server.api.middleware import CTX, parse_body
 from server.api.registry import RouteInfo
 from server.api.schemas import JobCreate
+from server.audit import log as audit_log
 from server.auth import service as auth
 from server.auth.permissions import ADMIN_PERMISSIONS, allows
 from server.auth.principal import Principal
@@ -350,8 +351,6 @@ async def audit_request(
 
 async def record(ctx: Any, request: web.Request, **fields: Any) -> None:
     """Append one audit row about ``request`` (its IP and user agent added); never raises."""
-    from server.audit import log as audit_log
-
     ip, agent = client_of(request)
     try:
         await audit_log.record(ctx, ip=ip, user_agent=agent, **fields)

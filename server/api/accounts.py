@@ -32,10 +32,11 @@ from server.api.auth_schemas import (
 )
 from server.api.middleware import CTX, parse_body
 from server.api.registry import route
+from server.audit import log as audit_log
 from server.auth import service as auth
 from server.auth.throttle import login_gate
 from server.errors import ApiError
-from server.persistence.tables import Membership, Project
+from server.persistence.tables import Project
 
 LOGIN_ACTION = "auth.login"
 """Audit action of login attempts (and of wrong current passwords on a password change)."""
@@ -92,8 +93,6 @@ async def check_throttle(ctx: Any, request: web.Request, username: str, ip: str)
     Raises:
         Throttled: naming which limit was reached and when to retry.
     """
-    from server.audit import log as audit_log
-
     s = ctx.settings
     account, by_ip, retry_after = await audit_log.recent_failures(
         ctx, username=username, ip=ip, window_s=s.login_window_s
@@ -179,18 +178,8 @@ async def logout(request: web.Request) -> web.Response:
 )
 async def me(request: web.Request) -> web.Response:
     """The caller's account."""
-    ctx = request.app[CTX]
     p = principal_of(request)
-    async with ctx.db.session() as s:
-        rows = (
-            await s.execute(
-                select(Project.id, Project.name, Membership.role)
-                .join(Membership, Membership.project_id == Project.id)
-                .where(Membership.user_id == p.user_id)
-                .order_by(Project.name)
-            )
-        ).all()
-    projects = [{"id": i, "name": n, "role": r} for i, n, r in rows]
+    projects = await auth.projects_of(request.app[CTX], p.user_id)
     return web.json_response(
         {"id": p.user_id, "username": p.name, "is_admin": p.is_admin, "projects": projects}
     )

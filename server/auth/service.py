@@ -21,6 +21,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from server.audit import log as audit_log
 from server.auth import passwords
 from server.auth.cache import TTL_S, access_cache
 from server.auth.permissions import PROJECT_ROLES
@@ -118,19 +119,36 @@ async def create_user(ctx: Any, username: str, password: str, is_admin: bool = F
     check_password(password, username=username)
     hashed = await asyncio.to_thread(passwords.hash_password, password)
 
-    async def tx(s: AsyncSession) -> User:
-        same = await s.scalar(select(User.username).where(func.lower(User.username) == username.lower()))
+    return await _insert_named(
+        ctx,
+        lambda: User(username=username, password_hash=hashed, is_admin=is_admin),
+        User.username,
+        username,
+        "user",
+        "username",
+    )
+
+
+async def _insert_named(ctx: Any, make: Any, column: Any, name: str, what: str, field: str) -> Any:
+    """Insert the row ``make()`` whose ``column`` is ``name``, unique regardless of case.
+
+    Raises:
+        ApiError: 409 naming ``field`` when the name, or one differing only by case, exists.
+    """
+
+    async def tx(s: AsyncSession) -> Any:
+        same = await s.scalar(select(column).where(func.lower(column) == name.lower()))
         if same is not None:  # Alice and alice would be told apart by nobody reading a list
-            raise ApiError(409, f"user {same!r} already exists (names differ only by case)", "username")
-        user = User(username=username, password_hash=hashed, is_admin=is_admin)
-        s.add(user)
+            raise ApiError(409, f"{what} {same!r} already exists (names differ only by case)", field)
+        row = make()
+        s.add(row)
         await s.flush()
-        return user
+        return row
 
     try:
         return await run_in_tx(ctx.db, tx)
     except IntegrityError:
-        raise ApiError(409, f"user {username!r} already exists", "username") from None
+        raise ApiError(409, f"{what} {name!r} already exists", field) from None
 
 
 async def _revoke_user_tokens(s: AsyncSession, user_id: str) -> None:
@@ -226,17 +244,23 @@ async def list_users(ctx: Any) -> list[dict[str, Any]]:
     return [user_out(u, by_user.get(u.id, [])) for u in users]
 
 
-async def user_with_projects(ctx: Any, user: User) -> dict[str, Any]:
-    """:func:`user_out` of ``user`` with their memberships."""
+async def projects_of(ctx: Any, user_id: str | None) -> list[dict[str, str]]:
+    """The user's projects and roles, ``[{id, name, role}]`` by name."""
     async with ctx.db.session() as s:
         rows = (
             await s.execute(
                 select(Project.id, Project.name, Membership.role)
                 .join(Membership, Membership.project_id == Project.id)
-                .where(Membership.user_id == user.id)
+                .where(Membership.user_id == user_id)
+                .order_by(Project.name)
             )
         ).all()
-    return user_out(user, [{"id": i, "name": n, "role": r} for i, n, r in rows])
+    return [{"id": i, "name": n, "role": r} for i, n, r in rows]
+
+
+async def user_with_projects(ctx: Any, user: User) -> dict[str, Any]:
+    """:func:`user_out` of ``user`` with their memberships."""
+    return user_out(user, await projects_of(ctx, user.id))
 
 
 async def username_of(ctx: Any, user_id: str | None) -> str:
@@ -310,20 +334,7 @@ async def find_project(s: AsyncSession, ident: str) -> Project | None:
 async def create_project(ctx: Any, name: str) -> Project:
     """Create a project. Raises ApiError 400 (bad name), 409 (taken)."""
     check_name(name, "name")
-
-    async def tx(s: AsyncSession) -> Project:
-        same = await s.scalar(select(Project.name).where(func.lower(Project.name) == name.lower()))
-        if same is not None:
-            raise ApiError(409, f"project {same!r} already exists (names differ only by case)", "name")
-        p = Project(name=name)
-        s.add(p)
-        await s.flush()
-        return p
-
-    try:
-        return await run_in_tx(ctx.db, tx)
-    except IntegrityError:
-        raise ApiError(409, f"project {name!r} already exists", "name") from None
+    return await _insert_named(ctx, lambda: Project(name=name), Project.name, name, "project", "name")
 
 
 async def project_out(s: AsyncSession, p: Project, role: str | None = None) -> dict[str, Any]:
@@ -758,8 +769,6 @@ async def revoke_token(ctx: Any, principal: Principal, token_id: str) -> dict[st
 
 async def _system_audit(ctx: Any, action: str, target: str, **detail: Any) -> None:
     """An audit row for what the farm does by itself (no request): first admin, local tokens."""
-    from server.audit import log as audit_log
-
     await audit_log.record(
         ctx,
         action=action,
