@@ -27,6 +27,24 @@ RENDER_OVERRIDES = (
 )
 """Job fields that override the .blend's render settings; they travel job -> TaskSpec -> RenderParams."""
 
+FAILURE_KINDS = (
+    "killed",
+    "oom",
+    "crashed",
+    "timeout",
+    "stalled",
+    "python_error",
+    "frames_missing",
+    "device",
+    "input",
+    "spawn_failed",
+    "error",
+)
+"""How an attempt failed: killed by a signal (possibly out of memory), out of memory (the
+container's OOM killer), crashed (Blender's crash report is in the log), timed out (hard
+limit), stalled (no progress), a Python error, frames missing, no usable render device,
+the input could not be fetched, Blender could not start, or another error."""
+
 TASK_QUEUE = "renderfarm.tasks"
 
 
@@ -83,6 +101,15 @@ class RenderParams(_Shape):
     output_format: str | None = "PNG"
     confine_root: str | None = None
     """The model's folder: external files outside it are not read (see render_task.py)."""
+    device: str = "CPU"
+    """The Cycles device to render on: ``"CPU"`` or a backend of ``protocol.devices.BACKENDS``;
+    the script enables it explicitly (``--factory-startup`` discards the user's preferences)."""
+    cpu_fallback: bool = False
+    """When the GPU backend has no usable device: render on the CPU (True) or fail (False)."""
+    command_dir: str | None = None
+    """Warm mode: the script keeps the file open and renders one command file after another from
+    this folder (see render_task.py); ``frames``, ``output_dir`` and ``manifest_path`` are then
+    those of the first command's task only when no command names its own."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +140,10 @@ class TaskSpec(_Shape):
     timeout_s: float = 3600.0
     stall_timeout_s: float = 600.0
     heartbeat_s: float = 5.0
+    device: str = "any"
+    """What the job asks for (``protocol.devices.DEVICES``)."""
+    cpu_fallback: bool = False
+    """Whether the job allows rendering on the CPU when its GPU devices fail."""
 
 
 @dataclass(frozen=True)
@@ -130,3 +161,10 @@ class TaskResult(_Shape):
     log_tail: list[str] = field(default_factory=list)
     missing_frames: list[int] = field(default_factory=list)
     render_seconds: float = 0.0
+    kind: str = ""
+    """Why a failed attempt failed, one of :data:`FAILURE_KINDS` (empty when completed)."""
+    device: str = ""
+    """The Cycles devices the render used, as the script logged them (e.g. ``"CPU"``,
+    ``"OPTIX: NVIDIA H200"``); empty when it did not get that far."""
+    fallback: bool = False
+    """The job asked for a GPU and the attempt rendered on the CPU (the job allowed it)."""

@@ -37,6 +37,17 @@ class BlenderRun:
         stall_timeout_s: the run is killed when it prints nothing for this many seconds.
         env: extra environment variables, added to the minimal environment the
             executor builds (variables that look like secrets are still dropped).
+        read_only: paths the run reads (the input model's folder, the script, the
+            parameters); a container executor bind-mounts each read-only at the same path.
+        writable: paths the run writes (the attempt's output folder); a container
+            executor bind-mounts each read-write at the same path. Nothing else is writable
+            in a container but a private, size-limited ``/tmp``.
+        tmp_dir: Blender's temporary folder (``TMPDIR``), where it writes its crash report
+            (``<file>.crash.txt``); it must lie in ``writable`` for a container. ``None``:
+            the executor's default.
+        labels: what the run is for (``{"task": id, "job": id, "agent": name}``); a container
+            executor labels its container with them, so that an agent restarted after a
+            crash can remove what it left behind.
     """
 
     script: Path
@@ -45,6 +56,10 @@ class BlenderRun:
     timeout_s: float
     stall_timeout_s: float
     env: dict[str, str] | None = None
+    read_only: tuple[Path, ...] = ()
+    writable: tuple[Path, ...] = ()
+    tmp_dir: Path | None = None
+    labels: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -61,12 +76,15 @@ class RunOutcome:
         log_tail: the last :data:`LOG_TAIL_LINES` output lines (stdout and stderr
             interleaved, decoded, each at most 64 KiB); for ``spawn_failed``, the error.
         duration_s: wall-clock seconds from spawn to the end of the run (reaped).
+        oom_killed: the kernel's out-of-memory killer ended it (known for a container: Docker's
+            ``State.OOMKilled``; a local process killed by SIGKILL only *may* have been).
     """
 
     exit_code: int | None
     reason: str
     log_tail: list[str]
     duration_s: float
+    oom_killed: bool = False
 
     @property
     def ok(self) -> bool:

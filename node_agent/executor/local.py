@@ -59,6 +59,14 @@ def minimal_env(cwd: Path, extra: Mapping[str, str] | None = None) -> dict[str, 
     return env
 
 
+def _run_env(run: BlenderRun) -> dict[str, str]:
+    """``run.env`` plus ``TMPDIR`` when the run names a temporary folder."""
+    env = dict(run.env or {})
+    if run.tmp_dir is not None:
+        env["TMPDIR"] = str(run.tmp_dir)
+    return env
+
+
 _PR_SET_PDEATHSIG = 1
 """prctl(2) option: signal this process gets when its parent thread exits (Linux)."""
 
@@ -191,7 +199,7 @@ class LocalExecutor:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 cwd=run.cwd,
-                env=minimal_env(run.cwd, run.env),
+                env=minimal_env(run.cwd, _run_env(run)),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=write_fd,
                 stderr=write_fd,
