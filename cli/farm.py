@@ -7,7 +7,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
@@ -28,10 +28,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunningFarm:
-    """A farm started by :func:`running_farm`: its URL and context."""
+    """A farm started by :func:`running_farm`: its URL, context and local agents."""
 
     url: str
     ctx: FarmContext
+    agents: list[NodeAgent] = field(default_factory=list)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -43,9 +44,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @contextlib.asynccontextmanager
 async def running_farm(
-    settings: Settings, host: str = "127.0.0.1", port: int = 3000, agents: int = 1
+    settings: Settings, host: str = "127.0.0.1", port: int = 3000, agents: int = 1, warm: bool = True
 ) -> AsyncIterator[RunningFarm]:
     """Start the API, the scheduler and ``agents`` local node agents; stop them all on exit.
+
+    ``warm``: the agents keep one Blender process across consecutive tasks of a job
+    (``NodeAgent(warm=...)``).
 
     Raises:
         ValueError: naming a backend URL that cannot be used or a backend that does not answer.
@@ -66,6 +70,7 @@ async def running_farm(
         await site.start()
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"  # noqa: S104
         node_tasks = []
+        made: list[NodeAgent] = []
         caps = detect(settings.blender) if agents else {}
         for i in range(agents):
             name = f"{socket.gethostname()}-local-{i + 1}"
@@ -78,10 +83,12 @@ async def running_farm(
                 name=name,
                 capabilities=caps,
                 replace=True,
+                warm=warm,
             )
+            made.append(agent)
             node_tasks.append(asyncio.create_task(agent.run(), name=f"agent-{i + 1}"))
         try:
-            yield RunningFarm(url, ctx)
+            yield RunningFarm(url, ctx, made)
         finally:
             for t in node_tasks:
                 t.cancel()

@@ -52,6 +52,8 @@ class Farm:
     def __init__(self, running: RunningFarm, client: FarmClient, token: str) -> None:
         self.url = running.url
         self.ctx = running.ctx
+        self.agents = running.agents
+        """The farm's local node agents (``NodeAgent``)."""
         self.client = client
         self.settings = running.ctx.settings
         self.token = token
