@@ -25,6 +25,7 @@ import importlib.metadata
 import json
 import logging
 import shutil
+import signal
 import time
 import uuid
 from collections import deque
@@ -35,12 +36,15 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from node_agent.executor.base import BlenderRun, Executor, RunOutcome
+from node_agent.executor.base import Executor, RunOutcome
 from node_agent.inputs import DEFAULT_MAX_BYTES, InputCache
 from node_agent.logparse import parse_line
 from node_agent.outputs import check_image
+from node_agent.session import BlenderSession
+from protocol.devices import cycles_device, normalise_backends
 from protocol.frames import format_frames
 from protocol.messages import (
+    FAILURE_KINDS,
     OUTPUT_EXTENSIONS,
     RENDER_OVERRIDES,
     RenderParams,
@@ -48,7 +52,6 @@ from protocol.messages import (
     TaskSpec,
     queue_for_pool,
 )
-from templates import template_path
 
 log = logging.getLogger(__name__)
 LOG_TAIL = 50
@@ -86,6 +89,9 @@ class _Attempt:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     log: deque[str] = field(default_factory=lambda: deque(maxlen=LOG_TAIL))
+    error_events: list[dict[str, Any]] = field(default_factory=list)
+    device: dict[str, Any] = field(default_factory=dict)
+    crashed: bool = False
 
 
 class NodeAgent:
@@ -106,6 +112,9 @@ class NodeAgent:
             farm, whose data folder lock already makes them unique).
         input_cache_bytes: cap of the input cache in ``work_dir/inputs``, in bytes (models used
             least recently are removed past it; see :mod:`node_agent.inputs`).
+        warm: keep one Blender process across consecutive tasks of the same job
+            (:mod:`node_agent.session`); False starts a fresh process for every task.
+        warm_idle_s: a warm process with no task for this many seconds exits.
     """
 
     def __init__(
@@ -121,6 +130,8 @@ class NodeAgent:
         register: bool = True,
         replace: bool = False,
         input_cache_bytes: int = DEFAULT_MAX_BYTES,
+        warm: bool = True,
+        warm_idle_s: float = 30.0,
     ) -> None:
         self.server_url = server_url.rstrip("/")
         self.token = token
@@ -137,6 +148,11 @@ class NodeAgent:
         self.instance = uuid.uuid4().hex
         self.queue = queue_for_pool(pool)
         self.registration: dict[str, Any] = {}
+        self.warm = warm
+        self.warm_idle_s = warm_idle_s
+        self.sessions_started = 0
+        """Blender processes started so far (one per job on this agent when warm, else one per task)."""
+        self._session: BlenderSession | None = None
         self._http: aiohttp.ClientSession | None = None
 
     # ------------------------------------------------------------ loop
@@ -160,6 +176,7 @@ class NodeAgent:
                 async for delivery in self.broker.consume(self.queue, prefetch=1):
                     await self.handle(delivery)
             finally:
+                await asyncio.shield(self._close_session())
                 if beats is not None:
                     beats.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -190,6 +207,7 @@ class NodeAgent:
                     },
                 )
                 self.name = self.registration["agent"]["name"]
+                self.queue = self.registration.get("queue") or self.queue
                 return self.registration
             except ServerError as exc:
                 if 400 <= exc.status < 500 and exc.status != 409:
@@ -264,13 +282,11 @@ class NodeAgent:
                 return
             raise
         spec = TaskSpec.from_dict(data)
-        folder = self.work_dir / "attempts" / f"{task_id}-{spec.lease_id}"
-        attempt = _Attempt(spec=spec, out_dir=folder / "out")
-        attempt.out_dir.mkdir(parents=True)
+        attempt = _Attempt(spec=spec, out_dir=self.work_dir / "attempts" / "none")
         started = time.monotonic()
         try:
             try:
-                outcome, message = await self._render(attempt, folder)
+                outcome, message, kind = await self._render(attempt)
             except asyncio.CancelledError:  # the agent is stopping: hand the task back
                 await asyncio.shield(self._release(spec))
                 raise
@@ -292,6 +308,9 @@ class NodeAgent:
                     "log_tail": list(attempt.log),
                     "missing_frames": missing,
                     "render_seconds": round(time.monotonic() - started, 3),
+                    "kind": "" if ok else (kind or ("frames_missing" if missing else "error")),
+                    "device": str(attempt.device.get("device") or ""),
+                    "fallback": bool(attempt.device.get("fallback")),
                 },
             )
         except ServerError as exc:
@@ -300,9 +319,55 @@ class NodeAgent:
                 return
             raise
         finally:
-            await asyncio.to_thread(shutil.rmtree, folder, True)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._after_task(attempt))
 
-    async def _render(self, attempt: _Attempt, folder: Path) -> tuple[RunOutcome | None, str]:
+    async def _after_task(self, attempt: _Attempt) -> None:
+        """Remove the attempt's output folder; end the Blender process unless it stays warm."""
+        await asyncio.to_thread(shutil.rmtree, attempt.out_dir, True)
+        if not self.warm or (self._session is not None and not self._session.alive):
+            await self._close_session()
+
+    async def _close_session(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def _session_for(self, spec: TaskSpec, blend: Path) -> BlenderSession:
+        """The warm Blender process for ``spec``'s job, started now unless one is running."""
+        if self._session is not None and self._session.matches(spec.job_id):
+            return self._session
+        await self._close_session()
+        backends = normalise_backends(self.capabilities.get("backends") or [])
+        params = RenderParams(
+            blend_file=str(blend),
+            output_dir="",
+            manifest_path="",
+            frames=list(spec.frames),
+            scene=spec.scene,
+            **{k: getattr(spec, k) for k in RENDER_OVERRIDES},
+            confine_root=str(self.inputs.files_dir(spec)),
+            device=cycles_device(spec.device, backends),
+            cpu_fallback=spec.cpu_fallback,
+        )
+        session = BlenderSession(
+            self.executor,
+            spec.job_id,
+            self.work_dir / "attempts" / f"session-{uuid.uuid4().hex[:12]}",
+            params,
+            read_only=(self.inputs.files_dir(spec),),
+            idle_s=self.warm_idle_s,
+            labels={"job": spec.job_id, "agent": self.name},
+        )
+        await session.start()
+        self._session = session
+        self.sessions_started += 1
+        return session
+
+    async def _render(self, attempt: _Attempt) -> tuple[RunOutcome | None, str, str]:
+        """Render the attempt's frames; returns (how the last run ended, why it failed, the failure
+        kind). A warm process that dies during the task is replaced once by a fresh one, which
+        renders only the frames not stored yet."""
         spec = attempt.spec
         heart = asyncio.create_task(self._heartbeat(attempt))
         uploader = asyncio.create_task(self._uploader(attempt))
@@ -310,27 +375,7 @@ class NodeAgent:
             try:
                 blend = await self.inputs.fetch(self._http_session(), self.server_url, spec)
             except Exception as exc:
-                return None, f"could not fetch the input: {exc}"
-            manifest = folder / "manifest.json"
-            params = RenderParams(
-                blend_file=str(blend),
-                output_dir=str(attempt.out_dir),
-                manifest_path=str(manifest),
-                frames=list(spec.frames),
-                scene=spec.scene,
-                **{k: getattr(spec, k) for k in RENDER_OVERRIDES},
-                confine_root=str(self.inputs.files_dir(spec)),
-            )
-            params_path = folder / "params.json"
-            params_path.write_text(json.dumps(params.to_dict()))
-            run = BlenderRun(
-                script=template_path("render_task.py"),
-                args=[str(params_path)],
-                cwd=folder,
-                timeout_s=spec.timeout_s,
-                stall_timeout_s=spec.stall_timeout_s,
-            )
-            error_event: list[str] = []
+                return None, f"could not fetch the input: {exc}", "input"
 
             def on_line(line: str) -> None:
                 attempt.log.append(line)
@@ -344,17 +389,52 @@ class NodeAgent:
                 elif ev.kind == "frame_done" and ev.frame is not None and ev.path:
                     attempt.pending.put_nowait((ev.frame, ev.path))
                 elif ev.kind == "error" and ev.message:
-                    error_event.append(ev.message)
+                    attempt.error_events.append(ev.data or {"message": ev.message})
 
-            outcome = await self.executor.run(run, on_line, cancel=attempt.cancel)
-            attempt.log.extend(line for line in outcome.log_tail if line not in attempt.log)
-            # Frames whose marker was missed but that the manifest names and that exist.
-            for frame, path in _read_manifest(manifest).items():
-                if frame in spec.frames and frame not in attempt.uploaded:
-                    attempt.pending.put_nowait((frame, path))
+            tries = 0
+            while True:
+                tries += 1
+                session = await self._session_for(spec, blend)
+                attempt.out_dir, manifest = session.task_dirs(spec.task_id, spec.lease_id)
+                frames = [f for f in spec.frames if f not in attempt.uploaded]
+                run = await session.render(
+                    spec.task_id,
+                    spec.lease_id,
+                    frames,
+                    on_line,
+                    spec.timeout_s,
+                    spec.stall_timeout_s,
+                    attempt.cancel,
+                )
+                outcome = run.outcome
+                attempt.device = dict(session.device)
+                attempt.log.extend(line for line in outcome.log_tail if line not in attempt.log)
+                # Frames whose marker was missed but that the manifest names and that exist.
+                for frame, path in _read_manifest(manifest).items():
+                    if frame in spec.frames and frame not in attempt.uploaded:
+                        attempt.pending.put_nowait((frame, path))
+                drained = asyncio.create_task(attempt.pending.join())
+                await asyncio.wait([drained, uploader], return_when=asyncio.FIRST_COMPLETED)
+                drained.cancel()  # every frame of this process is uploaded (or refused)
+                if not outcome.ok:
+                    crash = session.crash_report()
+                    if crash:
+                        attempt.crashed = True
+                        attempt.log.extend(crash)
+                    await self._close_session()
+                if run.died and run.warm and tries == 1 and not attempt.stale:
+                    note = (
+                        f"renderfarm: the warm Blender process died ({_ended(outcome)}); "
+                        "rendering the frames not stored yet in a fresh process"
+                    )
+                    log.warning("task %s: %s", spec.task_id, note)
+                    attempt.log.append(note)
+                    attempt.crashed = False
+                    continue
+                break
             attempt.pending.put_nowait((0, ""))  # end marker
             await uploader
-            return outcome, _describe(outcome, error_event, attempt)
+            return outcome, _describe(outcome, attempt), _classify(outcome, attempt)
         finally:
             heart.cancel()
             uploader.cancel()
@@ -399,30 +479,38 @@ class NodeAgent:
         ext = OUTPUT_EXTENSIONS.get(spec.output_format, ".png")
         while True:
             frame, path = await attempt.pending.get()
-            if not path:
-                return
-            if frame in attempt.uploaded or attempt.stale or frame not in spec.frames:
-                continue
-            file = Path(path)
-            problem = check_image(file, attempt.out_dir, spec.output_format)
-            if problem:
-                attempt.errors.append(f"frame {frame}: {problem}")
-                continue
             try:
-                await self._call(
-                    "PUT",
-                    f"/api/agent/tasks/{spec.task_id}/frames/{frame}",
-                    params={"lease_id": spec.lease_id, "ext": ext},
-                    upload=file,
-                )
-                attempt.uploaded.add(frame)
-                await asyncio.to_thread(file.unlink, True)
-            except ServerError as exc:
-                if exc.status == 409:
-                    attempt.stale = True
-                    attempt.cancel.set()
+                if not path:
                     return
-                attempt.errors.append(f"frame {frame}: upload failed: {exc}")
+                await self._upload_one(attempt, ext, frame, path)
+            finally:
+                attempt.pending.task_done()
+
+    async def _upload_one(self, attempt: _Attempt, ext: str, frame: int, path: str) -> None:
+        """Check one rendered frame and upload it (once); a 409 marks the attempt stale."""
+        spec = attempt.spec
+        if frame in attempt.uploaded or attempt.stale or frame not in spec.frames:
+            return
+        file = Path(path)
+        problem = check_image(file, attempt.out_dir, spec.output_format)
+        if problem:
+            attempt.errors.append(f"frame {frame}: {problem}")
+            return
+        try:
+            await self._call(
+                "PUT",
+                f"/api/agent/tasks/{spec.task_id}/frames/{frame}",
+                params={"lease_id": spec.lease_id, "ext": ext},
+                upload=file,
+            )
+            attempt.uploaded.add(frame)
+            await asyncio.to_thread(file.unlink, True)
+        except ServerError as exc:
+            if exc.status == 409:
+                attempt.stale = True
+                attempt.cancel.set()
+                return
+            attempt.errors.append(f"frame {frame}: upload failed: {exc}")
 
     # ------------------------------------------------------------ HTTP
 
@@ -501,11 +589,59 @@ def _read_manifest(path: Path) -> dict[int, str]:
         return {}
 
 
-def _describe(outcome: RunOutcome, error_event: list[str], attempt: _Attempt) -> str:
+CRASH_SIGNALS = frozenset({4, 6, 7, 8, 11})
+"""SIGILL, SIGABRT, SIGBUS, SIGFPE, SIGSEGV: Blender crashed (as opposed to being killed)."""
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _ended(outcome: RunOutcome) -> str:
+    """How a process ended, in a few words."""
+    if outcome.oom_killed:
+        return "out of memory"
+    if outcome.exit_code is not None and outcome.exit_code < 0:
+        return f"killed by {_signal_name(-outcome.exit_code)}"
+    if outcome.reason != "exited":
+        return outcome.reason
+    return f"exit code {outcome.exit_code}"
+
+
+def _classify(outcome: RunOutcome | None, attempt: _Attempt) -> str:
+    """The failure kind (``protocol.messages.FAILURE_KINDS``) of an attempt; empty when it succeeded."""
+    missing = any(f not in attempt.uploaded for f in attempt.spec.frames)
+    if outcome is None:
+        return "input"
+    if outcome.ok and not missing and not attempt.errors:
+        return ""
+    if outcome.oom_killed:
+        return "oom"
+    if outcome.reason in ("timeout", "stalled", "spawn_failed"):
+        return outcome.reason
+    code = outcome.exit_code
+    if code is not None and code < 0:
+        if attempt.crashed or -code in CRASH_SIGNALS:
+            return "crashed"
+        return "killed"
+    if attempt.error_events:
+        kind = str(attempt.error_events[-1].get("kind") or "python_error")
+        return kind if kind in FAILURE_KINDS else "python_error"
+    if code not in (0, None):
+        return "error"
+    return "frames_missing" if missing else "error"
+
+
+def _describe(outcome: RunOutcome, attempt: _Attempt) -> str:
     """One sentence saying why an attempt failed (empty when it did not)."""
     missing = [f for f in attempt.spec.frames if f not in attempt.uploaded]
     parts: list[str] = []
-    if outcome.reason == "timeout":
+    if outcome.oom_killed:
+        parts.append("Blender ran out of memory (the container's memory limit) and was killed")
+    elif outcome.reason == "timeout":
         parts.append(f"render timed out after {attempt.spec.timeout_s:g} s")
     elif outcome.reason == "stalled":
         parts.append(f"Blender made no progress for {attempt.spec.stall_timeout_s:g} s and was killed")
@@ -514,10 +650,13 @@ def _describe(outcome: RunOutcome, error_event: list[str], attempt: _Attempt) ->
     elif outcome.reason == "canceled":
         parts.append("canceled")
     elif outcome.exit_code not in (0, None):
-        if error_event:
-            parts.append(error_event[-1])
+        if attempt.error_events and outcome.exit_code > 0:
+            parts.append(str(attempt.error_events[-1].get("message") or "error"))
+        elif outcome.exit_code < 0 and (attempt.crashed or -outcome.exit_code in CRASH_SIGNALS):
+            report = " (its crash report is in the log)" if attempt.crashed else ""
+            parts.append(f"Blender crashed ({_signal_name(-outcome.exit_code)}){report}")
         elif outcome.exit_code < 0:
-            parts.append(f"Blender was killed by signal {-outcome.exit_code} (crash or out of memory)")
+            parts.append(f"Blender was killed by {_signal_name(-outcome.exit_code)} (possibly out of memory)")
         else:
             parts.append(f"Blender exited with code {outcome.exit_code}")
     if attempt.errors:

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import sys
 import time
 import traceback
@@ -66,12 +67,26 @@ EVENT_PREFIX = "@@renderfarm "
 OUTPUT_FORMATS = ("PNG", "OPEN_EXR", "JPEG")
 """Accepted ``output_format`` values; a copy of ``protocol.messages.OUTPUT_FORMATS``."""
 
+DEVICES = ("CPU", "OPTIX", "CUDA", "HIP", "ONEAPI", "METAL")
+"""Accepted ``device`` values: the CPU or a Cycles GPU backend (``protocol.devices.BACKENDS``)."""
+
+COMMAND_POLL_S = 0.02
+"""Warm mode: seconds between looks for the next command file."""
+
 FILE_PATTERN = "frame_######"
 """Output file name pattern inside ``output_dir``; Blender replaces the last run of ``#``."""
 
 
 class TaskError(Exception):
-    """An error the user can act on; its message is reported as is."""
+    """An error the user can act on; its message is reported as is.
+
+    ``kind`` classifies it for the farm's failure policy (``protocol.messages.FAILURE_KINDS``):
+    ``"device"`` when the requested render device is unusable, else ``"python_error"``.
+    """
+
+    def __init__(self, message: str, kind: str = "python_error") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def emit(event: str, **fields: object) -> None:
@@ -135,8 +150,19 @@ def read_params(arg: str) -> dict:
 
     for key in ("blend_file", "output_dir", "manifest_path"):
         need_str(key, optional=False)
-    for key in ("scene", "camera", "engine", "output_format", "confine_root"):
+    for key in ("scene", "camera", "engine", "output_format", "confine_root", "command_dir"):
         need_str(key, optional=True)
+    device = params.get("device", "CPU")
+    if device not in DEVICES:
+        raise TaskError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+    params["device"] = device
+    if not isinstance(params.get("cpu_fallback", False), bool):
+        raise TaskError("parameter 'cpu_fallback' must be true or false")
+    params["cpu_fallback"] = bool(params.get("cpu_fallback", False))
+    idle = params.get("idle_s", 60)
+    if isinstance(idle, bool) or not isinstance(idle, (int, float)) or idle <= 0:
+        raise TaskError("parameter 'idle_s' must be a positive number of seconds")
+    params["idle_s"] = float(idle)
     for key in ("samples", "resolution_percentage", "resolution_x", "resolution_y"):
         need_int(key)
 
@@ -303,6 +329,67 @@ def set_output(scene: bpy.types.Scene, output_format: str | None, output_dir: st
     return pattern
 
 
+def select_device(scene: bpy.types.Scene, device: str, cpu_fallback: bool) -> tuple[str, bool]:
+    """Enable the Cycles ``device`` explicitly; return (the devices used, as logged; whether the
+    render fell back to the CPU).
+
+    ``--factory-startup`` (and a fresh bpy module) starts with no compute device configured,
+    so nothing is left to the user's preferences: ``CyclesPreferences.compute_device_type`` is
+    set to the backend, ``refresh_devices()`` lists what the driver offers, exactly the
+    devices of that backend get ``use = True`` and ``scene.cycles.device`` becomes ``'GPU'``
+    (Blender manual, Cycles > GPU rendering; measured with bpy 5.0.1: its backends are CUDA,
+    OPTIX, HIP and ONEAPI, and assigning another raises TypeError). ``"CPU"`` sets
+    ``compute_device_type = 'NONE'`` and ``scene.cycles.device = 'CPU'``.
+
+    Engines other than Cycles choose their device themselves: logged, nothing changed.
+
+    Raises:
+        TaskError: (kind ``"device"``) the backend has no usable device and ``cpu_fallback``
+            is false; raised before any frame renders, so the job fails fast with the reason.
+    """
+    if scene.render.engine != "CYCLES":
+        used = f"{scene.render.engine} (device selection applies to Cycles only)"
+        print(f"renderfarm: render devices: {used}", flush=True)
+        emit("device", device=used, fallback=False)
+        return used, False
+    prefs = bpy.context.preferences.addons["cycles"].preferences
+    problem = ""
+    fallback = False
+    if device != "CPU":
+        try:
+            prefs.compute_device_type = device
+        except TypeError:
+            problem = f"this Blender has no {device} support"
+        if not problem:
+            prefs.refresh_devices()
+            gpus = [d for d in prefs.get_devices_for_type(device) if d.type == device]
+            if not gpus:
+                problem = f"no {device} device found (no such GPU, or its driver is missing)"
+        if problem and not cpu_fallback:
+            raise TaskError(
+                f"cannot render on {device}: {problem}; the job does not allow falling back to the CPU",
+                kind="device",
+            )
+        if not problem:
+            for d in prefs.devices:
+                d.use = d.type == device
+            scene.cycles.device = "GPU"
+            used = f"{device}: " + ", ".join(d.name for d in gpus)
+            print(f"renderfarm: render devices: {used}", flush=True)
+            emit("device", device=used, fallback=False)
+            return used, False
+        fallback = True
+        print(f"renderfarm: warning: {problem}; rendering on the CPU as the job allows", flush=True)
+    prefs.compute_device_type = "NONE"
+    scene.cycles.device = "CPU"
+    prefs.refresh_devices()
+    cpu = next((d.name for d in prefs.devices if d.type == "CPU"), "") or platform.machine()
+    used = f"CPU: {cpu} ({os.cpu_count()} threads)"
+    print(f"renderfarm: render devices: {used}", flush=True)
+    emit("device", device=used, fallback=fallback, reason=problem)
+    return used, fallback
+
+
 def write_manifest(path: str, frames: dict[int, str]) -> None:
     """Write ``{"frames": {"<frame>": "<path>"}}`` atomically (temp file, then ``os.replace``)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -383,7 +470,11 @@ def confine_inputs(root: str) -> list[str]:
 
 
 def render_frames(
-    scene: bpy.types.Scene, pattern: str, paths: dict[int, str], camera: bpy.types.Object | None
+    scene: bpy.types.Scene,
+    pattern: str,
+    paths: dict[int, str],
+    camera: bpy.types.Object | None,
+    tag: dict | None = None,
 ) -> None:
     """Render each frame of ``paths`` (frame -> absolute file path) to its path.
 
@@ -393,7 +484,7 @@ def render_frames(
     render = scene.render
     sequencer = uses_sequencer(scene)
     for frame, path in paths.items():
-        emit("frame_start", frame=frame)
+        emit("frame_start", frame=frame, **(tag or {}))
         started = time.monotonic()
         scene.frame_set(frame)
         if camera is not None:
@@ -411,13 +502,13 @@ def render_frames(
             raise TaskError(f"render of frame {frame} ended with {sorted(result)}")
         if not os.path.isfile(path):
             raise TaskError(f"Blender did not write frame {frame} to {path}")
-        emit("frame_done", frame=frame, path=path, seconds=round(time.monotonic() - started, 3))
+        emit(
+            "frame_done", frame=frame, path=path, seconds=round(time.monotonic() - started, 3), **(tag or {})
+        )
 
 
-def run(arg: str) -> None:
-    """Do the whole task for the parameters named by ``arg``; raise on any error."""
-    params = read_params(arg)
-    frames = params["frames"]
+def check_frames(frames: list[int]) -> None:
+    """Raise TaskError for a frame outside the range Blender's RNA declares for ``frame_current``."""
     rna_frame = bpy.types.Scene.bl_rna.properties["frame_current"]
     for f in frames:
         if not rna_frame.hard_min <= f <= rna_frame.hard_max:
@@ -425,36 +516,161 @@ def run(arg: str) -> None:
                 f"frame {f} is outside Blender's range {rna_frame.hard_min}..{rna_frame.hard_max}"
             )
 
+
+def prepare(params: dict) -> tuple[bpy.types.Scene, bpy.types.Object | None]:
+    """Open the file and set up the scene once: scene, confinement, overrides, camera check, device.
+
+    Returns:
+        (the scene, the override camera or None).
+    """
     open_blend(params["blend_file"])
     scene = select_scene(params["scene"])
     if params["confine_root"]:
         confine_inputs(params["confine_root"])
     camera = apply_overrides(scene, params)
     check_camera(scene)
-    pattern = set_output(scene, params["output_format"], params["output_dir"])
+    select_device(scene, params["device"], params["cpu_fallback"])
+    return scene, camera
+
+
+def render_task(
+    scene: bpy.types.Scene,
+    camera: bpy.types.Object | None,
+    frames: list[int],
+    output_dir: str,
+    manifest_path: str,
+    output_format: str | None,
+    task: str | None = None,
+) -> None:
+    """Render ``frames`` into ``output_dir``: set the output, write the manifest, emit ``start``,
+    each frame's events and ``done`` (each with ``task`` when given)."""
+    check_frames(frames)
+    tag = {"task": task} if task is not None else {}
+    pattern = set_output(scene, output_format, output_dir)
     paths = {f: os.path.abspath(scene.render.frame_path(frame=f)) for f in frames}
     if len(set(paths.values())) != len(paths):
         raise TaskError("two frames resolve to the same output file")
-    write_manifest(params["manifest_path"], paths)
-
+    write_manifest(manifest_path, paths)
     emit(
         "start",
         frames=frames,
         scene=scene.name,
         camera=scene.camera.name if scene.camera is not None else None,
+        **tag,
     )
-    render_frames(scene, pattern, paths, camera)
-    emit("done")
+    render_frames(scene, pattern, paths, camera, tag)
+    emit("done", **tag)
+
+
+def read_command(path: str) -> dict:
+    """Load and check one warm-mode command file: ``{"quit": true}`` or ``{"task": str, "frames":
+    [int, ...], "output_dir": str, "manifest_path": str}``; raise TaskError on anything malformed."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            cmd = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise TaskError(f"cannot read command {path!r}: {exc}") from exc
+    if not isinstance(cmd, dict):
+        raise TaskError(f"command {path!r} is not a JSON object")
+    if cmd.get("quit") is True:
+        return cmd
+    if not isinstance(cmd.get("task"), str) or not cmd["task"]:
+        raise TaskError(f"command {path!r}: 'task' must be a non-empty string")
+    for key in ("output_dir", "manifest_path"):
+        if not isinstance(cmd.get(key), str) or not cmd[key]:
+            raise TaskError(f"command {path!r}: {key!r} must be a non-empty string")
+        cmd[key] = os.path.abspath(cmd[key])
+    frames = cmd.get("frames")
+    if (
+        not isinstance(frames, list)
+        or not frames
+        or any(isinstance(f, bool) or not isinstance(f, int) for f in frames)
+    ):
+        raise TaskError(f"command {path!r}: 'frames' must be a non-empty list of integers")
+    cmd["frames"] = list(dict.fromkeys(frames))
+    return cmd
+
+
+def serve(scene: bpy.types.Scene, camera: bpy.types.Object | None, params: dict) -> None:
+    """Warm mode: render one command after another without reopening the file.
+
+    Commands are files ``000001.json``, ``000002.json``... in ``params["command_dir"]``, each
+    written whole (the agent renames it into place) and read once, in order. Emits ``ready``
+    when the file is open, then per command ``task_start`` and the task's events; returns on a
+    ``quit`` command (``bye``) or after ``idle_s`` seconds without a command (``idle``).
+    """
+    folder = params["command_dir"]
+    emit("ready")
+    seq = 0
+    idle_since = time.monotonic()
+    while True:
+        seq += 1
+        path = os.path.join(folder, f"{seq:06d}.json")
+        while not os.path.exists(path):
+            if time.monotonic() - idle_since > params["idle_s"]:
+                emit("idle")
+                return
+            time.sleep(COMMAND_POLL_S)
+        cmd = read_command(path)
+        if cmd.get("quit"):
+            emit("bye")
+            return
+        emit("task_start", task=cmd["task"])
+        render_task(
+            scene,
+            camera,
+            cmd["frames"],
+            cmd["output_dir"],
+            cmd["manifest_path"],
+            params["output_format"],
+            cmd["task"],
+        )
+        idle_since = time.monotonic()
+
+
+def run(arg: str) -> None:
+    """Do the whole task (or, with ``command_dir``, serve tasks) for the parameters named by ``arg``;
+    raise on any error."""
+    params = read_params(arg)
+    check_frames(params["frames"])
+    scene, camera = prepare(params)
+    if params["command_dir"]:
+        serve(scene, camera, params)
+        return
+    render_task(
+        scene,
+        camera,
+        params["frames"],
+        params["output_dir"],
+        params["manifest_path"],
+        params["output_format"],
+    )
+
+
+def _crash_report() -> None:
+    """Have Python write its traceback of a fatal signal (SIGSEGV, SIGABRT...) to
+    ``$TMPDIR/renderfarm.crash.txt``; the agent attaches it to the task's log. The bpy module
+    writes no crash report of its own (measured with bpy 5.0.1); a Blender binary still writes
+    ``<file>.crash.txt`` there too (faulthandler calls the previous handler)."""
+    import faulthandler
+    import tempfile
+
+    try:
+        fh = open(os.path.join(tempfile.gettempdir(), "renderfarm.crash.txt"), "w")
+        faulthandler.enable(file=fh, all_threads=True)
+    except OSError:
+        faulthandler.enable()
 
 
 def main() -> None:
     """Entry point: run the task; on any error print the traceback, emit ``error``, exit 1."""
+    _crash_report()
     try:
         run(_argument())
     except TaskError as exc:
         message = str(exc)
         print(f"renderfarm: error: {message}", file=sys.stderr, flush=True)
-        emit("error", message=message)
+        emit("error", message=message, kind=exc.kind)
         sys.exit(1)
     except BaseException as exc:
         traceback.print_exc()
