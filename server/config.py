@@ -75,6 +75,17 @@ class Settings:
             pool's online agents, at least 4.
         reconcile_s: seconds between reconciler passes (database vs broker and cache).
         status_interval_s: the longest a coalesced job summary waits before it is published.
+        task_failure_agents: a failed attempt sends its task back to the queue, for another
+            agent, until this many different agents failed it; then it fails for good (at once
+            when no other agent could take it). At least 1 (1: the first failure is final).
+        blocklist_after: an agent whose attempts failed this many times in one job takes no
+            more of that job's tasks until someone clears it (``DELETE
+            /api/jobs/{id}/blocklist/{agent}``); 0 never blocklists.
+        retry_backoff_s: a task failed ``k`` times waits ``retry_backoff_s * 2 ** (k - 1)``
+            seconds before it is dispatched again ...
+        retry_backoff_max_s: ... at most this many seconds.
+        max_failed_task_share: a job fails at once, its remaining tasks canceled, when more than
+            this share (0 to 1) of its tasks failed for good; 1.0 lets every task run to its end.
     """
 
     data_dir: Path
@@ -104,6 +115,11 @@ class Settings:
     dispatch_window: int = 0
     reconcile_s: float = 10.0
     status_interval_s: float = 0.2
+    task_failure_agents: int = 3
+    blocklist_after: int = 3
+    retry_backoff_s: float = 10.0
+    retry_backoff_max_s: float = 300.0
+    max_failed_task_share: float = 0.5
 
     def __post_init__(self) -> None:
         self.check()
@@ -144,6 +160,38 @@ class Settings:
             raise ValueError(
                 "settings dispatch_window and status_interval_s must not be negative, reconcile_s above 0"
             )
+        self._check_failure_policy()
+
+    def _check_failure_policy(self) -> None:
+        """Raises ValueError naming the failure-policy setting that is out of range."""
+        if self.task_failure_agents < 1:
+            raise ValueError(
+                f"setting task_failure_agents must be at least 1, not {self.task_failure_agents!r}"
+            )
+        if self.blocklist_after < 0:
+            raise ValueError(
+                f"setting blocklist_after must be 0 (never) or more, not {self.blocklist_after!r}"
+            )
+        for name in ("retry_backoff_s", "retry_backoff_max_s", "max_failed_task_share"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"setting {name} must be a number, not {value!r}")
+        if not 0 <= self.retry_backoff_s <= self.retry_backoff_max_s:
+            raise ValueError(
+                f"setting retry_backoff_s ({self.retry_backoff_s:g}) must be 0 or more and at most "
+                f"retry_backoff_max_s ({self.retry_backoff_max_s:g})"
+            )
+        if not 0 <= self.max_failed_task_share <= 1:
+            raise ValueError(
+                f"setting max_failed_task_share must be between 0 and 1 (1: never fail a job early), "
+                f"not {self.max_failed_task_share!r}"
+            )
+
+    def retry_delay_s(self, failures: int) -> float:
+        """Seconds a task whose attempts failed ``failures`` times (1 or more) waits before the next:
+        ``retry_backoff_s * 2 ** (failures - 1)``, at most ``retry_backoff_max_s``."""
+        exponent = min(max(failures, 1) - 1, 60)
+        return min(self.retry_backoff_s * 2.0**exponent, self.retry_backoff_max_s)
 
     @property
     def tmp_dir(self) -> Path:

@@ -224,6 +224,7 @@ async def test_frames_are_stored_once_and_missing_frames_fail_the_task(
     farm: Farm, sample_blend: Path
 ) -> None:
     """An agent simulated over HTTP (no render needed): leases, duplicate uploads, missing frames."""
+    farm.settings.task_failure_agents = 1  # the failure is final on the first agent (no retry on "other")
     token = await farm.agent_token("sim", register=True)
     model = await farm.client.upload_model(sample_blend)
     job = await farm.client.create_job(model_id=model["id"], frames="1-2", chunk_size=2)

@@ -32,7 +32,11 @@ from tests.mariadb import mariadb_url  # noqa: F401  (fixture)
 @pytest.fixture
 async def ctx(tmp_path: Path, mariadb_url: str) -> AsyncIterator[FarmContext]:  # noqa: F811
     """A farm context on a fresh MariaDB database (embedded broker and cache)."""
-    c = FarmContext.from_settings(Settings(data_dir=tmp_path, database_url=mariadb_url))
+    # every task of a job fails below: with the default max_failed_task_share the first failures
+    # would end the job early and refuse the last results (409), which this file does not test
+    c = FarmContext.from_settings(
+        Settings(data_dir=tmp_path, database_url=mariadb_url, max_failed_task_share=1.0)
+    )
     await c.db.migrate()
     yield c
     await c.close()

@@ -47,6 +47,7 @@ TABLES = {
     "api_tokens",
     "audit_log",
     "audit_head",
+    "task_failures",
 }
 
 

@@ -302,6 +302,8 @@ SAMPLES: dict[tuple[str, str], Sample] = {
     ("GET", "/api/tasks/{task_id}/status"): Sample(),
     ("PATCH", "/api/jobs/{job_id}"): Sample(json={"priority": 1}),
     ("POST", "/api/jobs/{job_id}/cancel"): Sample(fresh=_fresh_job),
+    ("GET", "/api/jobs/{job_id}/blocklist"): Sample(),
+    ("DELETE", "/api/jobs/{job_id}/blocklist/{agent}"): Sample(),  # 404 for those allowed: not blocklisted
     # meta
     ("GET", "/healthz"): Sample(),
     ("GET", "/api/openapi.json"): Sample(),
@@ -349,6 +351,7 @@ def default_params(w: World) -> dict[str, str]:
         "token_id": "",  # every route naming a token has a fresh one
         "frame": "1",
         "key": "anything",
+        "agent": AGENT,
     }
 
 

@@ -14,7 +14,17 @@ from sqlalchemy import select
 from server.api.access import note, principal_of, target_of
 from server.api.middleware import CTX, json_ok, parse_body
 from server.api.registry import route
-from server.api.schemas import JobCreate, JobList, JobSummary, JobUpdate, TaskList, TaskOut, TaskStatus
+from server.api.schemas import (
+    Blocklist,
+    BlocklistCleared,
+    JobCreate,
+    JobList,
+    JobSummary,
+    JobUpdate,
+    TaskList,
+    TaskOut,
+    TaskStatus,
+)
 from server.auth.permissions import allows
 from server.auth.service import authenticate
 from server.context import FarmContext
@@ -45,7 +55,14 @@ async def create_job(request: web.Request) -> web.Response:
     req = await parse_body(request, JobCreate)
     p = principal_of(request)
     job = await service.create_job(ctx, req.model_dump() | {"owner": p.name, "owner_id": p.user_id})
-    note(request, f"job_id={job.id}", model_id=job.model_id, frames=job.frames_spec, pool=job.pool)
+    note(
+        request,
+        f"job_id={job.id}",
+        model_id=job.model_id,
+        frames=job.frames_spec,
+        pool=job.pool,
+        device=job.device,
+    )
     return web.json_response(await service.job_summary(ctx, job.id), status=201)
 
 
@@ -185,6 +202,12 @@ def task_out(t: Task) -> TaskOut:
         render_seconds=t.render_seconds,
         started_at=_iso(t.started_at),
         finished_at=_iso(t.finished_at),
+        route=t.route,
+        not_before=_iso(t.not_before),
+        failed_agents=list(t.failed_agents or []),
+        failure_kind=t.failure_kind or "",
+        device_used=t.device_used or "",
+        fallback=bool(t.fallback),
     )
 
 
@@ -192,7 +215,7 @@ def task_out(t: Task) -> TaskOut:
     "GET",
     "/api/jobs/{job_id}/tasks",
     permission="job:read",
-    summary="The tasks of a job with their frames, state, agent and last log lines",
+    summary="The tasks of a job with their frames, state, agent, last log lines, devices used and failures",
     response=TaskList,
 )
 async def list_tasks(request: web.Request) -> web.Response:
@@ -258,3 +281,32 @@ async def cancel_job(request: web.Request) -> web.Response:
     ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
     job = await service.cancel_job(ctx, request.match_info["job_id"])
     return web.json_response(await service.job_summary(ctx, job.id))
+
+
+@route(
+    "GET",
+    "/api/jobs/{job_id}/blocklist",
+    permission="job:read",
+    summary="Agents blocklisted for a job (blocklist_after failed attempts in it): they take none of it",
+    response=Blocklist,
+)
+async def get_blocklist(request: web.Request) -> web.Response:
+    """Each agent with its failures in the job not cleared, their kinds and the last message."""
+    ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
+    return web.json_response(await service.job_blocklist(ctx, request.match_info["job_id"]))
+
+
+@route(
+    "DELETE",
+    "/api/jobs/{job_id}/blocklist/{agent}",
+    permission="job:update",
+    summary="Clear an agent's blocklisting for a job: it may take the job's tasks again",
+    response=BlocklistCleared,
+)
+async def clear_blocklist(request: web.Request) -> web.Response:
+    """404 when the agent is not blocklisted for the job. Its failures stay on record, marked cleared."""
+    ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
+    job_id, agent = request.match_info["job_id"], request.match_info["agent"]
+    out = await service.clear_blocklist(ctx, job_id, agent)
+    note(request, f"job_id={job_id}", agent=agent, cleared=out["cleared"])
+    return web.json_response(out)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
+from protocol.devices import BACKENDS, DEFAULT_DEVICE, DEVICES, DeviceError, check_device
 from protocol.frames import MAX_FRAME, MIN_FRAME
+from protocol.messages import FAILURE_KINDS
 
 
 class _Strict(BaseModel):
@@ -42,6 +44,25 @@ class JobCreate(_Strict):
         pattern=r"^[a-z0-9][a-z0-9:_-]*$",
         description="the capability pool whose agents render it (agents start with --pool)",
     )
+    device: str = Field(
+        DEFAULT_DEVICE,
+        max_length=16,
+        description=f"what it renders on, one of {', '.join(DEVICES)}: any (an agent's GPU if it has "
+        "one, else its CPU), cpu, gpu (any GPU backend) or gpu:<backend>; its tasks go only to agents "
+        "offering it",
+        examples=["any", "gpu:optix"],
+    )
+    cpu_fallback: StrictBool = Field(
+        False, description="when an agent's GPU devices fail, render on its CPU instead of failing"
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        try:
+            return check_device(value)
+        except DeviceError as exc:
+            raise ValueError(str(exc)) from None
 
 
 class JobUpdate(_Strict):
@@ -67,6 +88,10 @@ class JobSummary(BaseModel):
     chunk_size: int
     priority: int
     pool: str
+    device: str = Field(description="what it asked to render on (any, cpu, gpu, gpu:optix...)")
+    cpu_fallback: bool
+    fallback_tasks: int = Field(description="tasks whose last attempt fell back to the CPU")
+    blocklist: list[str] = Field(description="agents blocklisted for this job (GET .../blocklist)")
     owner: str = Field(description="user name of who submitted it")
     project_id: str | None
     scene: str | None
@@ -99,6 +124,12 @@ class TaskOut(BaseModel):
     render_seconds: float
     started_at: str | None
     finished_at: str | None
+    route: str | None = Field(description="the route (agents' pool and GPU backends) it was sent to")
+    not_before: str | None = Field(description="not dispatched before this time (retry backoff)")
+    failed_agents: list[str] = Field(description="agents whose attempts failed (they do not get it again)")
+    failure_kind: str = Field(description="how the last failed attempt failed (killed, oom, crashed...)")
+    device_used: str = Field(description="the devices the last attempt rendered on, as the agent said")
+    fallback: bool = Field(description="the last attempt rendered on the CPU instead of the asked GPU")
 
 
 class TaskList(BaseModel):
@@ -185,6 +216,44 @@ class ResultRequest(_Strict):
     log_tail: list[str] = Field(default_factory=list, max_length=200)
     missing_frames: list[Annotated[int, Field(ge=MIN_FRAME, le=MAX_FRAME)]] = Field(default_factory=list)
     render_seconds: float = Field(0.0, ge=0, le=1e7, allow_inf_nan=False)
+    kind: str = Field(
+        "", max_length=32, description=f"why a failed attempt failed: one of {', '.join(FAILURE_KINDS)}"
+    )
+    device: str = Field("", max_length=255, description="the devices the render used, as the script logged")
+    fallback: StrictBool = Field(False, description="rendered on the CPU although the job asked for a GPU")
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, value: str) -> str:
+        if value and value not in FAILURE_KINDS:
+            raise ValueError(f"kind {value!r} is not one of {', '.join(FAILURE_KINDS)}")
+        return value
+
+
+class BlockedAgent(BaseModel):
+    """An agent blocklisted for a job: its failures there not cleared, the last one's kind and message."""
+
+    agent: str
+    failures: int
+    kinds: list[str]
+    last_failure_at: str
+    last_message: str
+
+
+class Blocklist(BaseModel):
+    """``GET /api/jobs/{job_id}/blocklist``: agents that take no more of the job's tasks."""
+
+    job_id: str
+    blocklist_after: int = Field(description="failures in one job that blocklist an agent (0: never)")
+    agents: list[BlockedAgent]
+
+
+class BlocklistCleared(BaseModel):
+    """``DELETE /api/jobs/{job_id}/blocklist/{agent}``: the agent may take the job's tasks again."""
+
+    job_id: str
+    agent: str
+    cleared: int = Field(description="failure rows marked cleared")
 
 
 class ErrorBody(BaseModel):
@@ -200,9 +269,21 @@ class AgentCapabilities(BaseModel):
     cpu_cores: StrictInt = Field(0, ge=0, le=100_000)
     memory_bytes: StrictInt = Field(0, ge=0)
     gpus: list[dict[str, Any]] = Field(default_factory=list, max_length=64)
-    backends: list[Annotated[str, Field(max_length=32)]] = Field(default_factory=list, max_length=16)
+    backends: list[Annotated[str, Field(max_length=32)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description=f"Cycles GPU backends it offers ({', '.join(BACKENDS)}; any case; CPU may be "
+        "listed too); stored upper case in that order",
+    )
     blender: str = Field("", max_length=64)
     tags: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=64)
+
+    @field_validator("backends")
+    @classmethod
+    def _backends(cls, value: list[str]) -> list[str]:
+        from server.nodes.service import advertised_backends
+
+        return advertised_backends(value)
 
 
 class AgentRegister(_Strict):
@@ -237,6 +318,8 @@ class AgentOut(BaseModel):
     id: str
     name: str
     pool: str
+    route: str = Field(description="its pool and GPU backends (the queue it consumes)")
+    backends: list[str]
     version: str
     capabilities: dict[str, Any]
     online: bool
@@ -249,7 +332,10 @@ class AgentRegistered(BaseModel):
     """What a registering agent is told: its queue, the broker to consume from, its intervals."""
 
     agent: AgentOut
-    queue: str
+    route: str = Field(description="its route: the pool, and its GPU backends if any")
+    queue: str = Field(
+        description="the broker queue to consume (renderfarm.tasks for CPU agents of pool default)"
+    )
     broker_url: str | None
     heartbeat_s: float
     lease_s: float

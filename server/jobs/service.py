@@ -10,11 +10,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import load_only
 
+from protocol.devices import DeviceError, check_device, route_backends, satisfies
 from protocol.frames import FrameSpecError, chunk_frames, format_frames, parse_frames
 from protocol.messages import (
     OUTPUT_EXTENSIONS,
@@ -37,6 +38,7 @@ from server.persistence.tables import (
     Model,
     OutboxMessage,
     Task,
+    TaskFailure,
     new_id,
     utcnow,
 )
@@ -46,6 +48,11 @@ _frame_locks: weakref.WeakValueDictionary[tuple[str, int], asyncio.Lock] = weakr
 """One lock per (task, frame) while an upload of it is in progress; dropped when unused."""
 IMAGE_MAGIC = {".png": b"\x89PNG\r\n\x1a\n", ".jpg": b"\xff\xd8\xff", ".exr": b"\x76\x2f\x31\x01"}
 """File signatures of the output formats (PNG, JPEG/JFIF and OpenEXR specifications)."""
+REDISPATCH_DELAY_S = 2.0
+"""Seconds a task refused to an agent that failed it (or is blocklisted for its job) waits
+before it is dispatched again, so that another agent gets the message."""
+WAITING_PREFIX = "waiting for an agent"
+"""How the dispatcher's message on a job whose tasks no online agent may take begins."""
 
 
 # ---------------------------------------------------------------- jobs
@@ -58,18 +65,23 @@ async def create_job(ctx: FarmContext, req: dict[str, Any]) -> Job:
     Args:
         req: validated request fields (``server.api.schemas.JobCreate``): model_id, frames,
             chunk_size, priority, scene, name and the overrides (camera, engine, samples,
-            resolution_percentage, resolution_x, resolution_y, output_format), plus ``owner``
-            (user name) and ``owner_id``. The job belongs to the model's project.
+            resolution_percentage, resolution_x, resolution_y, output_format), ``pool``,
+            ``device`` (``protocol.devices.DEVICES``, default ``any``) and ``cpu_fallback``,
+            plus ``owner`` (user name) and ``owner_id``. The job belongs to the model's project.
 
     Raises:
         ApiError: 404 for an unknown model; 400 naming ``frames`` (with the bad token),
-            ``scene`` or ``camera``; 422 when the scene cannot render (no camera) or the
+            ``device``, ``scene`` or ``camera``; 422 when the scene cannot render (no camera) or the
             model refers to files it does not hold (unless ``allow_missing``).
     """
     try:
         frames = parse_frames(req["frames"])
     except FrameSpecError as exc:
         raise ApiError(400, str(exc), "frames") from exc
+    try:
+        device = check_device(req.get("device") or "any")
+    except DeviceError as exc:
+        raise ApiError(400, str(exc), "device") from exc
     async with ctx.db.session() as s:
         model = await s.get(Model, req["model_id"])
         if model is None:
@@ -95,6 +107,8 @@ async def create_job(ctx: FarmContext, req: dict[str, Any]) -> Job:
             owner_id=req.get("owner_id"),
             project_id=model.project_id,
             pool=req.get("pool") or DEFAULT_POOL,
+            device=device,
+            cpu_fallback=bool(req.get("cpu_fallback")),
         )
         s.add(job)
         await s.flush()  # the job's row before its tasks'
@@ -183,10 +197,12 @@ def _check_missing(info: dict[str, Any]) -> None:
         )
 
 
-def outbox_for(task: Task, job: Job) -> OutboxMessage:
-    """The outbox row that will put ``task`` on its pool's queue at the job's priority."""
+def outbox_for(task: Task, job: Job, route: str | None = None) -> OutboxMessage:
+    """The outbox row that will put ``task`` on the queue of ``route`` (default: the task's
+    route, else its pool) at the job's priority."""
     msg = TaskMessage(task_id=task.id, job_id=job.id, priority=job.priority)
-    return OutboxMessage(queue=queue_for_pool(task.pool), payload=msg.to_dict(), priority=job.priority)
+    queue = queue_for_pool(route or task.route or task.pool)
+    return OutboxMessage(queue=queue, payload=msg.to_dict(), priority=job.priority)
 
 
 async def _unfinished_job(s: AsyncSession, job_id: str) -> Job:
@@ -258,7 +274,8 @@ async def set_priority(ctx: FarmContext, job_id: str, priority: int) -> None:
 
 @retry_on_disconnect
 async def job_summary(ctx: FarmContext, job_id: str, session: AsyncSession | None = None) -> dict[str, Any]:
-    """The job's status as served by the API: state, task counts by state, frames stored, progress %.
+    """The job's status as served by the API: state, task counts by state, frames stored, progress %,
+    the device it asked for, how many tasks fell back to the CPU and the agents blocklisted for it.
 
     Raises:
         ApiError: 404 for an unknown job.
@@ -269,10 +286,16 @@ async def job_summary(ctx: FarmContext, job_id: str, session: AsyncSession | Non
     job = await session.get(Job, job_id)
     if job is None:
         raise not_found("job", job_id)
-    rows = await session.execute(
-        select(Task.state, func.count()).where(Task.job_id == job_id).group_by(Task.state)
-    )
-    counts = {state: 0 for state in sm.TASK_STATES} | {state: n for state, n in rows.all()}
+    rows = (
+        await session.execute(
+            select(Task.state, func.count(), func.sum(case((Task.fallback, 1), else_=0)))
+            .where(Task.job_id == job_id)
+            .group_by(Task.state)
+        )
+    ).all()
+    counts = {state: 0 for state in sm.TASK_STATES} | {state: n for state, n, _ in rows}
+    fallback = sum(int(f or 0) for _, _, f in rows)
+    blocked = sorted(await blocklisted(session, job_id, ctx.settings.blocklist_after))
     stored = await session.scalar(select(func.count()).select_from(Frame).where(Frame.job_id == job_id)) or 0
     return {
         "id": job.id,
@@ -287,6 +310,10 @@ async def job_summary(ctx: FarmContext, job_id: str, session: AsyncSession | Non
         "chunk_size": job.chunk_size,
         "priority": job.priority,
         "pool": job.pool,
+        "device": job.device,
+        "cpu_fallback": job.cpu_fallback,
+        "fallback_tasks": fallback,
+        "blocklist": blocked,
         "owner": job.owner,
         "project_id": job.project_id,
         "scene": job.scene,
@@ -330,9 +357,10 @@ async def _refresh_job_state(s: AsyncSession, job: Job) -> bool:
     """Bring the job's state in line with its tasks' (see :func:`sm.job_state`); returns whether it changed.
 
     Uses existence checks on the (job_id, state) index rather than reading every task,
-    so that it costs the same for a job of 10 tasks and one of 10,000.
+    so that it costs the same for a job of 10 tasks and one of 10,000. A finished job stays
+    as it is (a job failed early by the failure policy keeps its state and message).
     """
-    if job.state == sm.CANCELED:
+    if job.state in sm.FINISHED:
         return False
     if await _has(s, job.id, [sm.RUNNING]):
         new = sm.RUNNING
@@ -372,23 +400,73 @@ async def _refresh_job_state(s: AsyncSession, job: Job) -> bool:
 async def claim_task(ctx: FarmContext, task_id: str, agent: str, registered: bool = False) -> TaskSpec:
     """Lease a queued task to ``agent`` and return what it needs to render it.
 
-    A registered agent takes only tasks of the pool it registered in; with ``registered``
-    (what the agent API asks), an agent that has not registered takes nothing.
+    A registered agent takes only tasks of the pool it registered in, of jobs whose device
+    its route offers (:func:`protocol.devices.satisfies`), that it has not failed before and
+    of jobs it is not blocklisted for; with ``registered`` (what the agent API asks), an
+    agent that has not registered takes nothing. A task refused for its device, or to an
+    agent that failed it or is blocklisted, is handed back to the dispatcher at once (after
+    :data:`REDISPATCH_DELAY_S` seconds for the last two) so that it reaches another agent.
 
     Raises:
         ApiError: 404 unknown task; 409 when the task is no longer wanted (canceled,
-            finished, or already leased to another attempt), is for another pool, or the agent
-            has not registered.
+            finished, or already leased to another attempt), is for another pool or device,
+            the agent failed it or is blocklisted for its job, or the agent has not registered.
     """
     lease_id = new_id()
     now = utcnow()
     async with ctx.db.session() as s:
-        pool = await s.scalar(select(Agent.pool).where(Agent.name == agent))
-        if pool is None and registered:
+        me = (await s.execute(select(Agent.pool, Agent.route).where(Agent.name == agent))).first()
+        if me is None and registered:
             raise ApiError(409, f"agent {agent!r} is not registered: POST /api/agent/register first", "agent")
+        row = (  # the task, its job and its model in one round trip, only the columns used
+            await s.execute(
+                select(Task, Job, Model)
+                .join(Job, Task.job_id == Job.id)
+                .join(Model, Job.model_id == Model.id)
+                .where(Task.id == task_id)
+                .options(
+                    load_only(
+                        Job.id,
+                        Job.state,
+                        Job.scene,
+                        Job.overrides,
+                        Job.model_id,
+                        Job.device,
+                        Job.cpu_fallback,
+                    ),
+                    load_only(Model.id, Model.sha256, Model.kind, Model.main, Model.storage_key),
+                )
+            )
+        ).first()
+        if row is None:
+            raise not_found("task", task_id)
+        task, job, model = row
+        if task.state != sm.QUEUED:
+            raise ApiError(409, f"task {task_id} is not waiting to run (state {task.state})", "task_id")
+        if me is not None:
+            pool, route = me.pool, me.route or me.pool
+            if task.pool != pool:
+                raise ApiError(
+                    409, f"task {task_id} is for pool {task.pool!r}; agent {agent!r} takes {pool!r}"
+                )
+            refusal, delay = await _refusal(ctx, s, task, job, agent, route)
+            if refusal:
+                await s.execute(
+                    update(Task)
+                    .where(Task.id == task_id, Task.state == sm.QUEUED)
+                    .values(
+                        dispatched_at=None,
+                        route=None,
+                        not_before=now + timedelta(seconds=delay) if delay else task.not_before,
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+                await s.commit()
+                await ctx.wake_dispatcher()
+                raise ApiError(409, refusal, "task_id")
         res = await s.execute(
             update(Task)
-            .where(Task.id == task_id, Task.state == sm.QUEUED, *([Task.pool == pool] if pool else []))
+            .where(Task.id == task_id, Task.state == sm.QUEUED)
             .values(
                 state=sm.RUNNING,
                 attempts=Task.attempts + 1,
@@ -398,28 +476,11 @@ async def claim_task(ctx: FarmContext, task_id: str, agent: str, registered: boo
                 started_at=now,
                 message="",
             )
+            .execution_options(synchronize_session="evaluate")
         )
-        row = (  # the task, its job and its model in one round trip, only the columns used
-            await s.execute(
-                select(Task, Job, Model)
-                .join(Job, Task.job_id == Job.id)
-                .join(Model, Job.model_id == Model.id)
-                .where(Task.id == task_id)
-                .options(
-                    load_only(Job.id, Job.state, Job.scene, Job.overrides, Job.model_id),
-                    load_only(Model.id, Model.sha256, Model.kind, Model.main, Model.storage_key),
-                )
-            )
-        ).first()
-        if row is None:
-            raise not_found("task", task_id)
-        task, job, model = row
-        if res.rowcount != 1:
-            if pool and task.pool != pool:
-                raise ApiError(
-                    409, f"task {task_id} is for pool {task.pool!r}; agent {agent!r} takes {pool!r}"
-                )
-            raise ApiError(409, f"task {task_id} is not waiting to run (state {task.state})", "task_id")
+        if res.rowcount != 1:  # another agent's claim came first
+            raise ApiError(409, f"task {task_id} is not waiting to run (leased meanwhile)", "task_id")
+        dispatched_at = task.dispatched_at
         changed = job.state == sm.QUEUED
         if changed:
             job.state = sm.RUNNING
@@ -427,8 +488,8 @@ async def claim_task(ctx: FarmContext, task_id: str, agent: str, registered: boo
             update(Agent).where(Agent.name == agent).values(current_task_id=task_id, last_seen_at=now)
         )
         await s.commit()
-    if task.dispatched_at is not None:
-        ctx.observe("dispatch_latency", (now - task.dispatched_at).total_seconds(), pool=task.pool)
+    if dispatched_at is not None:
+        ctx.observe("dispatch_latency", (now - dispatched_at).total_seconds(), pool=task.pool)
     await ctx.wake_dispatcher()  # a slot of the dispatch window is free
     await status_of(ctx).tasks([task])
     await publish_job(ctx, task.job_id, now=changed)
@@ -447,7 +508,53 @@ async def claim_task(ctx: FarmContext, task_id: str, agent: str, registered: boo
         timeout_s=ctx.settings.task_timeout_s,
         stall_timeout_s=ctx.settings.stall_timeout_s,
         heartbeat_s=ctx.settings.heartbeat_s,
+        device=job.device,
+        cpu_fallback=job.cpu_fallback,
     )
+
+
+async def _refusal(
+    ctx: FarmContext, s: AsyncSession, task: Task, job: Job, agent: str, route: str
+) -> tuple[str, float]:
+    """Why ``agent`` (of ``route``) may not take ``task`` and how long the task then waits
+    (seconds); ``("", 0)`` when it may."""
+    if not satisfies(job.device, route_backends(route)):
+        offers = ", ".join(route_backends(route)) or "no GPU backend"
+        return (
+            f"task {task.id} is for device {job.device}; agent {agent!r} offers {offers} (route {route}), "
+            "so it goes to another agent",
+            0.0,
+        )
+    if agent in (task.failed_agents or []):
+        return f"agent {agent!r} already failed task {task.id}; it goes to another agent", REDISPATCH_DELAY_S
+    after = ctx.settings.blocklist_after
+    if after > 0:
+        failures = await s.scalar(
+            select(func.count())
+            .select_from(TaskFailure)
+            .where(TaskFailure.job_id == job.id, TaskFailure.agent == agent, TaskFailure.cleared_at.is_(None))
+        )
+        if (failures or 0) >= after:
+            return (
+                f"agent {agent!r} is blocklisted for job {job.id} ({failures} failed attempts); "
+                f"clear it with DELETE /api/jobs/{job.id}/blocklist/{agent}",
+                REDISPATCH_DELAY_S,
+            )
+    return "", 0.0
+
+
+async def blocklisted(s: AsyncSession, job_id: str, after: int) -> set[str]:
+    """Names of the agents blocklisted for a job: ``after`` or more failures in it not cleared
+    (an empty set when ``after`` is 0). One seek on ``ix_task_failures_job_agent``."""
+    if after <= 0:
+        return set()
+    rows = await s.scalars(
+        select(TaskFailure.agent)
+        .where(TaskFailure.job_id == job_id, TaskFailure.cleared_at.is_(None), TaskFailure.agent != "")
+        .group_by(TaskFailure.agent)
+        .having(func.count() >= after)
+    )
+    return set(rows.all())
 
 
 async def _leased_task(s: AsyncSession, task_id: str, lease_id: str) -> Task:
@@ -578,13 +685,24 @@ async def finish_task(ctx: FarmContext, task_id: str, result: TaskResult) -> dic
     """Record the end of an attempt.
 
     A ``completed`` report is checked against the stored frames: a task whose frames
-    are partly missing fails and its message names the missing frames.
+    are partly missing fails and its message names the missing frames. The devices the
+    attempt used and whether it fell back to the CPU are kept on the task.
+
+    A failed attempt follows the failure policy (:func:`_fail_attempt`): a row in
+    ``task_failures``; the task back in the queue for another agent after a backoff, or
+    failed for good; the agent blocklisted for the job after ``blocklist_after`` failures;
+    the whole job failed when no eligible agent remains or too many of its tasks failed.
+
+    Returns:
+        ``{"task_id", "state", "message"}``: ``state`` is ``completed``, ``failed`` (for
+        good) or ``queued`` (to be retried on another agent).
 
     Raises:
         ApiError: 409 stale lease; 400 for an unknown status.
     """
     if result.status not in (sm.COMPLETED, sm.FAILED):
         raise ApiError(400, f"status must be 'completed' or 'failed', not {result.status!r}", "status")
+    stopped: list[Task] = []
     async with ctx.db.session() as s:
         task = await _leased_task(s, task_id, result.lease_id)
         stored = set(
@@ -595,20 +713,27 @@ async def finish_task(ctx: FarmContext, task_id: str, result: TaskResult) -> dic
             ).all()
         )
         missing = [f for f in task.frames if f not in stored]
-        state, message = result.status, result.message
+        state, message, kind = result.status, result.message, result.kind
         if state == sm.COMPLETED and missing:
-            state = sm.FAILED
+            state, kind = sm.FAILED, "frames_missing"
             message = f"frames missing after render: {format_frames(missing)}"
         elif state == sm.FAILED and missing and "missing" not in message:
             message = f"{message} (frames missing: {format_frames(missing)})".strip()
-        sm.check_task_transition(task.state, state)
-        task.state, task.message = state, message[:4000]
+        now = utcnow()
+        job = await s.get(Job, task.job_id)
+        assert job is not None
         task.log_tail = [line[:1000] for line in result.log_tail[-50:]]
         task.render_seconds = result.render_seconds
-        task.finished_at, task.lease_id, task.lease_expires_at = utcnow(), None, None
-        job = await s.get(Job, task.job_id)
-        changed = await _refresh_job_state(s, job)
+        task.device_used, task.fallback = result.device[:255], bool(result.fallback)
         await _agent_done(s, task)
+        if state == sm.COMPLETED:
+            sm.check_task_transition(task.state, state)
+            task.state, task.message, task.finished_at = state, message[:4000], now
+            task.lease_id, task.lease_expires_at = None, None
+            changed = await _refresh_job_state(s, job)
+        else:
+            state, message, stopped = await _fail_attempt(ctx, s, task, job, kind or "error", message, now)
+            changed = job.state in sm.FINISHED or await _refresh_job_state(s, job)
         await s.commit()
         out = {"task_id": task_id, "state": state, "message": message}
         if not changed and job.state not in sm.FINISHED:
@@ -616,10 +741,142 @@ async def finish_task(ctx: FarmContext, task_id: str, result: TaskResult) -> dic
                 changed = await _settle(s, task.job_id)
             except Exception as exc:  # the result is committed; only the job's state may lag
                 log.warning("job %s: state not refreshed after task %s: %s", task.job_id, task_id, exc)
-    ctx.observe("task_finished", result.render_seconds, state=state, frames=len(stored), pool=task.pool)
+    if state in sm.FINISHED:
+        ctx.observe("task_finished", result.render_seconds, state=state, frames=len(stored), pool=task.pool)
+    for t in stopped:
+        ctx.observe("task_finished", 0.0, state=sm.CANCELED, pool=t.pool)
+    if state == sm.QUEUED:
+        await ctx.wake_dispatcher()
     await status_of(ctx).tasks([task])
+    if stopped:
+        await status_of(ctx).tasks(stopped, events=False)
     await publish_job(ctx, task.job_id, now=changed)
     return out
+
+
+async def _fail_attempt(
+    ctx: FarmContext, s: AsyncSession, task: Task, job: Job, kind: str, message: str, now: Any
+) -> tuple[str, str, list[Task]]:
+    """Apply the failure policy to a failed attempt of ``task`` (running, leased) in session ``s``.
+
+    * The failure is recorded (``task_failures``) and the agent joins the task's failed agents.
+    * The task goes back to the queue with ``not_before`` = now + the backoff
+      (:meth:`server.config.Settings.retry_delay_s` of its failures so far), unless
+      ``task_failure_agents`` different agents failed it, or no other eligible agent exists
+      (registered in the job's pool, offering its device, not blocklisted for the job, not
+      among those that failed the task): then it fails for good.
+    * The job fails at once, its other queued and running tasks canceled, when every
+      registered agent offering its device is blocklisted for it, or when more than
+      ``max_failed_task_share`` of its tasks failed for good while some are still unfinished.
+
+    Returns:
+        ``(task state, task message, the other tasks stopped with the job)``; the job's state
+        is ``failed`` when it failed here.
+    """
+    settings = ctx.settings
+    agent = task.agent or ""
+    s.add(TaskFailure(job_id=job.id, task_id=task.id, agent=agent, kind=kind, message=message[:4000], at=now))
+    failed = list(task.failed_agents or [])
+    if agent and agent not in failed:
+        failed.append(agent)
+    task.failed_agents, task.failure_kind = failed, kind
+    task.lease_id, task.lease_expires_at, task.current_frame = None, None, None
+    await s.flush()
+    blocked = await blocklisted(s, job.id, settings.blocklist_after)
+    registered = (await s.execute(select(Agent.name, Agent.route).where(Agent.pool == job.pool))).all()
+    matching = sorted(n for n, r in registered if satisfies(job.device, route_backends(r or job.pool)))
+    others = [n for n in matching if n not in blocked and n not in failed]
+    where = f"agent {agent}" if agent else "an agent"
+    what = f"{kind}: {message}" if message else kind
+    if agent and agent in blocked:
+        log.info("job %s: agent %s is blocklisted (%s failures)", job.id, agent, settings.blocklist_after)
+    final = ""
+    if len(failed) >= settings.task_failure_agents:
+        final = f"{what} (failed on {len(failed)} agent(s): {', '.join(failed)})"
+    elif not others:
+        final = (
+            f"{what} (failed on {where}; no other agent may take it: none offering {job.device} in pool "
+            f"{job.pool} that has not failed it and is not blocklisted for this job)"
+        )
+    if final:
+        sm.check_task_transition(task.state, sm.FAILED)
+        task.state, task.message, task.finished_at = sm.FAILED, final[:4000], now
+    else:
+        sm.check_task_transition(task.state, sm.QUEUED)
+        count = await s.scalar(
+            select(func.count()).select_from(TaskFailure).where(TaskFailure.task_id == task.id)
+        )
+        delay = settings.retry_delay_s(count or 1)
+        task.state, task.dispatched_at, task.route = sm.QUEUED, None, None
+        task.not_before = now + timedelta(seconds=delay)
+        task.message = f"retrying on another agent in {delay:g} s; failed on {where}: {what}"[:4000]
+    why = ""
+    if matching and all(n in blocked for n in matching):
+        why = (
+            f"no eligible agent remains: every agent offering {job.device} in pool {job.pool} is "
+            f"blocklisted for this job ({', '.join(matching)}); last failure: {what}"
+        )
+    elif final and settings.max_failed_task_share < 1:
+        rows = await s.execute(
+            select(Task.state, func.count()).where(Task.job_id == job.id).group_by(Task.state)
+        )
+        counts = dict(rows.all())
+        total = sum(counts.values())
+        lost = counts.get(sm.FAILED, 0)
+        if (
+            total
+            and lost / total > settings.max_failed_task_share
+            and (counts.get(sm.QUEUED, 0) or counts.get(sm.RUNNING, 0))
+        ):
+            why = (
+                f"{lost} of {total} tasks failed, more than max_failed_task_share "
+                f"({settings.max_failed_task_share:g}); last failure: {what}"
+            )
+    stopped: list[Task] = []
+    if why:
+        stopped = await _fail_job(s, job, why, now)
+    return task.state, task.message, stopped
+
+
+async def _fail_job(s: AsyncSession, job: Job, why: str, now: Any) -> list[Task]:
+    """Fail ``job`` now: its queued and running tasks are canceled (running agents get 409 at
+    their next heartbeat). Returns the tasks it stopped."""
+    job.state, job.finished_at = sm.FAILED, now
+    job.message = f"job failed early: {why}"[:4000]
+    short = why if len(why) <= 300 else why[:297] + "..."
+    await s.execute(
+        update(Agent)
+        .where(
+            Agent.current_task_id.in_(
+                select(Task.id).where(Task.job_id == job.id, Task.state == sm.RUNNING).scalar_subquery()
+            )
+        )
+        .values(current_task_id=None)
+        .execution_options(synchronize_session=False)
+    )
+    await s.execute(
+        update(Task)
+        .where(Task.job_id == job.id, Task.state.in_([sm.QUEUED, sm.RUNNING]))
+        .values(
+            state=sm.CANCELED,
+            finished_at=now,
+            message=f"not rendered: the job failed ({short})",
+            lease_id=None,
+            lease_expires_at=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    stopped = list(
+        (
+            await s.scalars(
+                select(Task)
+                .where(Task.job_id == job.id, Task.state == sm.CANCELED, Task.finished_at == now)
+                .execution_options(populate_existing=True)
+            )
+        ).all()
+    )
+    log.warning("job %s failed early: %s", job.id, why)
+    return stopped
 
 
 @retry_on_disconnect
@@ -659,7 +916,7 @@ async def release_task(ctx: FarmContext, task_id: str, lease_id: str) -> dict[st
         sm.check_task_transition(task.state, sm.QUEUED)
         task.state, task.message = sm.QUEUED, f"released by agent {task.agent} (stopping)"
         task.attempts = max(0, task.attempts - 1)
-        task.lease_id = task.lease_expires_at = task.current_frame = task.dispatched_at = None
+        task.lease_id = task.lease_expires_at = task.current_frame = task.dispatched_at = task.route = None
         changed = await _refresh_job_state(s, job)
         await _agent_done(s, task)
         await s.commit()
@@ -708,7 +965,7 @@ async def requeue_expired(ctx: FarmContext) -> int:
                 task.message = f"lease expired on {task.attempts} attempts (agent {task.agent} lost)"
                 ctx.observe("task_finished", 0.0, state=sm.FAILED, pool=task.pool)
             else:
-                task.state, task.dispatched_at = sm.QUEUED, None
+                task.state, task.dispatched_at, task.route = sm.QUEUED, None, None
                 task.message = f"requeued: lease of agent {task.agent} expired"
             await _refresh_job_state(s, job)
             touched.add(job.id)
@@ -719,3 +976,82 @@ async def requeue_expired(ctx: FarmContext) -> int:
     for job_id in touched:
         await publish_job(ctx, job_id)
     return len(expired)
+
+
+# ---------------------------------------------------------------- blocklist
+
+
+@retry_on_disconnect
+async def job_blocklist(ctx: FarmContext, job_id: str) -> dict[str, Any]:
+    """The agents blocklisted for a job (``settings.blocklist_after`` failures in it not cleared).
+
+    Returns:
+        ``{"job_id", "blocklist_after", "agents": [{"agent", "failures", "kinds", "last_failure_at",
+        "last_message"}]}``, agents by name.
+
+    Raises:
+        ApiError: 404 unknown job.
+    """
+    after = ctx.settings.blocklist_after
+    async with ctx.db.session() as s:
+        if await s.get(Job, job_id) is None:
+            raise not_found("job", job_id)
+        names = await blocklisted(s, job_id, after)
+        rows = (
+            await s.scalars(
+                select(TaskFailure)
+                .where(
+                    TaskFailure.job_id == job_id,
+                    TaskFailure.agent.in_(sorted(names)),
+                    TaskFailure.cleared_at.is_(None),
+                )
+                .order_by(TaskFailure.agent, TaskFailure.at, TaskFailure.id)
+            )
+        ).all()
+    agents: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        a = agents.setdefault(r.agent, {"agent": r.agent, "failures": 0, "kinds": []})
+        a["failures"] += 1
+        if r.kind not in a["kinds"]:
+            a["kinds"].append(r.kind)
+        a["last_failure_at"], a["last_message"] = r.at.isoformat() + "Z", r.message
+    return {"job_id": job_id, "blocklist_after": after, "agents": list(agents.values())}
+
+
+@retry_on_disconnect
+async def clear_blocklist(ctx: FarmContext, job_id: str, agent: str) -> dict[str, Any]:
+    """Let a blocklisted agent take a job's tasks again: its failures in the job are marked
+    cleared (they no longer count), and it leaves the failed agents of the job's queued tasks.
+
+    Returns:
+        ``{"job_id", "agent", "cleared": <failure rows cleared>}``.
+
+    Raises:
+        ApiError: 404 unknown job, or the agent is not blocklisted for it.
+    """
+    now = utcnow()
+    async with ctx.db.session() as s:
+        if await s.get(Job, job_id) is None:
+            raise not_found("job", job_id)
+        if agent not in await blocklisted(s, job_id, ctx.settings.blocklist_after):
+            raise ApiError(404, f"agent {agent!r} is not blocklisted for job {job_id}", "agent")
+        res = await s.execute(
+            update(TaskFailure)
+            .where(TaskFailure.job_id == job_id, TaskFailure.agent == agent, TaskFailure.cleared_at.is_(None))
+            .values(cleared_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        queued = (
+            await s.scalars(
+                select(Task).where(
+                    Task.job_id == job_id, Task.state == sm.QUEUED, Task.failed_agents.is_not(None)
+                )
+            )
+        ).all()
+        for t in queued:
+            if agent in (t.failed_agents or []):
+                t.failed_agents = [a for a in t.failed_agents or [] if a != agent]
+        await s.commit()
+    await ctx.wake_dispatcher()
+    await publish_job(ctx, job_id)
+    return {"job_id": job_id, "agent": agent, "cleared": res.rowcount or 0}

@@ -15,11 +15,29 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import select
 
+from protocol.devices import BACKENDS, route_backends, route_key
 from protocol.messages import queue_for_pool
 from server.context import FarmContext
 from server.errors import ApiError
 from server.persistence.retry import retry_on_disconnect
 from server.persistence.tables import Agent, new_id, utcnow
+
+ADVERTISED_BACKENDS = (*BACKENDS, "CPU")
+"""What an agent may list in ``capabilities.backends``: the GPU backends, and ``CPU`` (which
+every agent has; it routes nothing)."""
+
+
+def advertised_backends(values: list[str] | tuple[str, ...]) -> list[str]:
+    """``values`` upper case, without repeats, in :data:`ADVERTISED_BACKENDS` order.
+
+    Raises:
+        ValueError: naming the values that are not backends.
+    """
+    unknown = [v for v in values if str(v).strip().upper() not in ADVERTISED_BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backend(s) {unknown}; known: {', '.join(ADVERTISED_BACKENDS)}")
+    have = {str(v).strip().upper() for v in values}
+    return [b for b in ADVERTISED_BACKENDS if b in have]
 
 
 def online_after(ctx: FarmContext):  # type: ignore[no-untyped-def]
@@ -33,6 +51,8 @@ def agent_dict(a: Agent, online_since: Any) -> dict[str, Any]:
         "id": a.id,
         "name": a.name,
         "pool": a.pool,
+        "route": a.route or a.pool,
+        "backends": route_backends(a.route or a.pool),
         "version": a.version,
         "capabilities": a.capabilities or {},
         "online": a.state == "online" and a.last_seen_at >= online_since,
@@ -63,12 +83,26 @@ async def register(
     Two live processes may not share a name: while the row's agent is online with another
     ``instance``, registering is refused (409) unless ``replace``.
 
+    The agent's **route** is its pool and the GPU backends of ``capabilities["backends"]``
+    (:func:`protocol.devices.route_key`: ``default`` for a CPU agent, ``default.gpu-optix-cuda``
+    for one with OPTIX and CUDA); it consumes that route's queue, where the dispatcher sends
+    the tasks whose device its backends satisfy.
+
+    Raises:
+        ApiError: 409 for a name in use by a live process; 400 for an unknown backend.
+
     Returns:
-        ``{"agent": <agent>, "queue": str, "broker_url": str | None, "heartbeat_s": float,
-        "lease_s": float}``; ``broker_url`` is ``None`` when the server uses the in-process
-        broker, which agents in other processes cannot reach.
+        ``{"agent": <agent>, "route": str, "queue": str, "broker_url": str | None,
+        "heartbeat_s": float, "lease_s": float}``; ``broker_url`` is ``None`` when the server
+        uses the in-process broker, which agents in other processes cannot reach.
     """
     now = utcnow()
+    try:
+        backends = advertised_backends(capabilities.get("backends") or [])
+    except ValueError as exc:
+        raise ApiError(400, f"capabilities.backends: {exc}", "capabilities.backends") from None
+    capabilities = {**capabilities, "backends": backends}
+    route = route_key(pool, backends)
     async with ctx.db.session() as s:
         agent = await s.scalar(select(Agent).where(Agent.name == name))
         if agent is None:
@@ -90,14 +124,15 @@ async def register(
                 "name",
             )
         agent.instance = instance
-        agent.pool, agent.capabilities, agent.version = pool, capabilities, version
+        agent.pool, agent.route, agent.capabilities, agent.version = pool, route, capabilities, version
         agent.state, agent.last_seen_at, agent.current_task_id = "online", now, None
         await s.commit()
         out = agent_dict(agent, online_after(ctx))
     await ctx.wake_dispatcher()  # the pool's window grows with its agents
     return {
         "agent": out,
-        "queue": queue_for_pool(pool),
+        "route": route,
+        "queue": queue_for_pool(route),
         "broker_url": agent_broker_url(ctx),
         "heartbeat_s": ctx.settings.heartbeat_s,
         "lease_s": ctx.settings.lease_s,

@@ -42,6 +42,8 @@ TIMESTAMP_US = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"
 """A naive UTC time with microseconds on SQLite, MySQL and MariaDB."""
 DEFAULT_POOL = "default"
 """The capability pool of a job that asks for nothing in particular."""
+DEFAULT_DEVICE = "any"
+"""The device of a job that asks for nothing in particular (``protocol.devices.DEFAULT_DEVICE``)."""
 
 
 class Base(DeclarativeBase):
@@ -93,6 +95,10 @@ class Job(Base):
     """The project of the job's model; its members see the job, others get 404."""
     pool: Mapped[str] = mapped_column(String(64), default=DEFAULT_POOL)
     """The capability pool whose agents may render it."""
+    device: Mapped[str] = mapped_column(String(16), default=DEFAULT_DEVICE)
+    """What it renders on (``protocol.devices.DEVICES``): ``any``, ``cpu``, ``gpu``, ``gpu:optix``..."""
+    cpu_fallback: Mapped[bool] = mapped_column(Boolean, default=False)
+    """Whether an attempt whose GPU devices fail may render on the CPU instead."""
     scene: Mapped[str | None] = mapped_column(String(255), nullable=True)
     overrides: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     message: Mapped[str] = mapped_column(Text, default="")
@@ -110,7 +116,7 @@ class Task(Base):
     __table_args__ = (
         Index("ix_tasks_state_lease", "state", "lease_expires_at"),
         Index("ix_tasks_job_queue", "job_id", "state", "dispatched_at", "index"),
-        Index("ix_tasks_dispatch", "pool", "state", "dispatched_at"),
+        Index("ix_tasks_dispatch", "pool", "state", "dispatched_at", "route"),
     )
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
@@ -118,6 +124,18 @@ class Task(Base):
     pool: Mapped[str] = mapped_column(String(64), default=DEFAULT_POOL)
     dispatched_at: Mapped[datetime | None] = mapped_column(nullable=True)
     """When the dispatcher put the task's message in the outbox (None: not dispatched yet)."""
+    route: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    """The route (``protocol.devices.route_key``) whose queue it was dispatched to (None: not dispatched)."""
+    not_before: Mapped[datetime | None] = mapped_column(nullable=True)
+    """Not dispatched before this time (the backoff after a failed attempt); None: at once."""
+    failed_agents: Mapped[list[Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    """Names of the agents whose attempt failed (they do not get it again); None: none."""
+    failure_kind: Mapped[str] = mapped_column(String(32), default="")
+    """How the last failed attempt failed (``protocol.messages.FAILURE_KINDS``); empty: none failed."""
+    device_used: Mapped[str] = mapped_column(String(255), default="")
+    """The devices the last attempt rendered on, as the agent reported them (``"OPTIX: ..."``, ``"CPU"``)."""
+    fallback: Mapped[bool] = mapped_column(Boolean, default=False)
+    """The last attempt rendered on the CPU although the job asked for a GPU (the job allowed it)."""
     frames: Mapped[list[Any]] = mapped_column(JSON)
     state: Mapped[str] = mapped_column(String(16), default="queued")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -156,7 +174,7 @@ class OutboxMessage(Base):
 
     __tablename__ = "outbox"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    queue: Mapped[str] = mapped_column(String(64))
+    queue: Mapped[str] = mapped_column(String(160))
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -170,6 +188,8 @@ class Agent(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(255), unique=True)
     pool: Mapped[str] = mapped_column(String(64), default=DEFAULT_POOL)
+    route: Mapped[str] = mapped_column(String(128), default=DEFAULT_POOL)
+    """Its route (``protocol.devices.route_key`` of its pool and GPU backends): the queue it consumes."""
     capabilities: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     """``{"cpu_cores": int, "memory_bytes": int, "gpus": [...], "backends": [...],
     "blender": str, "tags": [...]}`` as the agent advertised it."""
@@ -180,6 +200,27 @@ class Agent(Base):
     current_task_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     registered_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class TaskFailure(Base):
+    """One failed attempt of a task: which agent, how (``kind``) and why. An agent with
+    ``settings.blocklist_after`` rows of a job not cleared (``cleared_at`` NULL) is blocklisted
+    for that job."""
+
+    __tablename__ = "task_failures"
+    __table_args__ = (
+        Index("ix_task_failures_job_agent", "job_id", "agent", "cleared_at"),
+        Index("ix_task_failures_task_id", "task_id"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id"))
+    agent: Mapped[str] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    cleared_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    """When someone cleared the agent's blocklisting for the job (the row then no longer counts)."""
 
 
 class User(Base):

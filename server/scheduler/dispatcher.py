@@ -1,70 +1,125 @@
-"""The dispatcher: decides which queued tasks go to the broker, a bounded number per pool.
+"""The dispatcher: decides which queued tasks go to the broker, a bounded number per route.
 
-Only a small window of tasks per capability pool sits in the broker at a time
-("in flight": dispatched, not yet claimed). The rest wait in the database,
-where a cancel or a priority change applies at once, without purging queues.
-Each free slot goes to the highest-priority job; between jobs of the same
-priority, to the owner with the fewest tasks in flight or running (fair share
+Agents of one pool with the same GPU backends form a **route** (a capability pool,
+:func:`protocol.devices.route_key`), with one broker queue. Only a small window of tasks
+per route sits in the broker at a time ("in flight": dispatched, not yet claimed). The
+rest wait in the database, where a cancel or a priority change applies at once, without
+purging queues. Each free slot goes to the highest-priority job; between jobs of the same
+priority, to the owner with the fewest tasks in flight or running in the pool (fair share
 between users), then to the oldest job, then in frame order.
 
-A dispatch marks the task (``dispatched_at``) and writes its outbox row in one
-transaction; the relay then publishes the row (:mod:`server.scheduler.relay`).
-A pool is refilled once a quarter of its window is free (:func:`refill_at`), so that
-a busy pool costs one dispatch per few claims rather than one per claim.
+A task goes to a route of its job's pool whose backends satisfy the job's device
+(:func:`protocol.devices.satisfies`) and that holds an online agent neither blocklisted
+for the job nor among the agents that failed the task; of those, the one with the most
+free slots. A pool with no online agent keeps one route, the pool itself (the CPU queue),
+for jobs that any agent may render, so that work waits in the broker for the first agent
+to start; a job asking for a GPU then waits in the database, its message saying so.
+Tasks whose ``not_before`` (retry backoff) is still ahead are left for a later pass.
+
+A dispatch marks the task (``dispatched_at``, ``route``) and writes its outbox row in one
+transaction; the relay then publishes the row (:mod:`server.scheduler.relay`). A route is
+refilled once a quarter of its window is free (:func:`refill_at`), so that a busy route
+costs one dispatch per few claims rather than one per claim. Each pass costs a fixed
+number of queries (jobs, online agents, in-flight counts, fair share, blocklists) plus
+one per job that gets slots.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import load_only
 
+from protocol.devices import route_backends, satisfies
 from server.context import FarmContext
 from server.jobs import task_state_machine as sm
-from server.jobs.service import outbox_for
+from server.jobs.service import WAITING_PREFIX, outbox_for, publish_job
 from server.persistence.retry import retry_on_disconnect
-from server.persistence.tables import Agent, Job, OutboxMessage, Task, utcnow
+from server.persistence.tables import Agent, Job, OutboxMessage, Task, TaskFailure, utcnow
 
 MIN_WINDOW = 4
-"""Smallest automatic window per pool (tasks in the broker not yet claimed)."""
+"""Smallest automatic window per route (tasks in the broker not yet claimed)."""
+REFETCH_ROUNDS = 3
+"""Times a job's candidate tasks are read again when some of them no online agent may take."""
+
+
+def online_since(ctx: FarmContext) -> datetime:
+    """The oldest heartbeat (naive UTC) of an agent still online: ``max(3 * heartbeat_s, 15)`` s ago."""
+    return utcnow() - timedelta(seconds=max(3 * ctx.settings.heartbeat_s, 15.0))
 
 
 @retry_on_disconnect
 async def online_agents(ctx: FarmContext) -> dict[str, int]:
     """Agents heartbeating now, by pool (online: seen within ``max(3 * heartbeat_s, 15)`` seconds)."""
-    since = utcnow() - timedelta(seconds=max(3 * ctx.settings.heartbeat_s, 15.0))
     async with ctx.db.session() as s:
         rows = await s.execute(
             select(Agent.pool, func.count())
-            .where(Agent.state == "online", Agent.last_seen_at >= since)
+            .where(Agent.state == "online", Agent.last_seen_at >= online_since(ctx))
             .group_by(Agent.pool)
         )
         return {pool: n for pool, n in rows.all()}
 
 
+async def online_routes(s: AsyncSession, since: datetime, pools: set[str]) -> dict[str, dict[str, list[str]]]:
+    """``{pool: {route: [online agent names]}}`` for ``pools``; a pool without an online agent
+    gets its base route (the pool itself) with no names, which any agent of the pool may serve."""
+    rows = await s.execute(
+        select(Agent.pool, Agent.route, Agent.name).where(
+            Agent.state == "online", Agent.last_seen_at >= since, Agent.pool.in_(pools)
+        )
+    )
+    out: dict[str, dict[str, list[str]]] = {p: {} for p in pools}
+    for pool, route, name in rows.all():
+        out[pool].setdefault(route or pool, []).append(name)
+    for pool, routes in out.items():
+        if not routes:
+            routes[pool] = []
+    return out
+
+
 def refill_at(window: int) -> int:
-    """Free slots a pool's window needs before it is refilled: a quarter of it, at least 1."""
+    """Free slots a route's window needs before it is refilled: a quarter of it, at least 1."""
     return max(1, window // 4)
+
+
+def _open_to(agents: list[str], excluded: set[str]) -> bool:
+    """Whether a route with online ``agents`` ([]: the base route of a pool with none online)
+    holds one not in ``excluded``."""
+    return not agents or any(a not in excluded for a in agents)
+
+
+def _waiting_message(job: Job, satisfying: list[str]) -> str:
+    if not satisfying:
+        return f"{WAITING_PREFIX} offering {job.device} in pool {job.pool}"
+    return f"{WAITING_PREFIX} offering {job.device} in pool {job.pool} that is not blocklisted for this job"
 
 
 @retry_on_disconnect
 async def dispatch_once(ctx: FarmContext) -> int:
-    """Fill every pool's window once; returns how many tasks were dispatched.
+    """Fill every route's window once; returns how many tasks were dispatched.
 
-    The window is ``settings.dispatch_window`` when set, else twice the pool's online
-    agents and at least :data:`MIN_WINDOW`.
+    The window is ``settings.dispatch_window`` when set, else twice the route's online
+    agents and at least :data:`MIN_WINDOW`. Also sets (and clears) the message of jobs
+    whose tasks no online agent may take ("waiting for an agent offering gpu:optix in pool
+    default").
     """
     fixed = ctx.settings.dispatch_window
-    agents = {} if fixed > 0 else await online_agents(ctx)
+    after = ctx.settings.blocklist_after
     now = utcnow()
     dispatched = 0
+    noted: list[str] = []
     async with ctx.db.session() as s:
         jobs = (
             await s.scalars(
                 select(Job)
-                .options(load_only(Job.id, Job.pool, Job.priority, Job.owner, Job.created_at))
+                .options(
+                    load_only(
+                        Job.id, Job.pool, Job.priority, Job.owner, Job.created_at, Job.device, Job.message
+                    )
+                )
                 .where(Job.state.in_([sm.QUEUED, sm.RUNNING]))
                 .order_by(Job.priority.desc(), Job.created_at)
                 .limit(1000)
@@ -73,83 +128,173 @@ async def dispatch_once(ctx: FarmContext) -> int:
         if not jobs:
             return 0
         pools = {j.pool for j in jobs}
+        routes = await online_routes(s, online_since(ctx), pools)
+        agents_of = {r: names for pool_routes in routes.values() for r, names in pool_routes.items()}
+        blocked: dict[str, set[str]] = defaultdict(set)
+        if after > 0:
+            rows = await s.execute(
+                select(TaskFailure.job_id, TaskFailure.agent)
+                .where(TaskFailure.job_id.in_([j.id for j in jobs]), TaskFailure.cleared_at.is_(None))
+                .group_by(TaskFailure.job_id, TaskFailure.agent)
+                .having(func.count() >= after)
+            )
+            for job_id, agent in rows.all():
+                blocked[job_id].add(agent)
+        job_routes: dict[str, list[str]] = {}
+        for job in jobs:
+            satisfying = [r for r in routes[job.pool] if satisfies(job.device, route_backends(r))]
+            job_routes[job.id] = [r for r in satisfying if _open_to(agents_of[r], blocked[job.id])]
+            waiting = "" if job_routes[job.id] else _waiting_message(job, satisfying)
+            if job.message != waiting and (waiting or job.message.startswith(WAITING_PREFIX)):
+                job.message = waiting
+                noted.append(job.id)
         inflight_rows = await s.execute(
-            select(Task.pool, func.count())
+            select(Task.route, func.count())
             .where(Task.pool.in_(pools), Task.state == sm.QUEUED, Task.dispatched_at.is_not(None))
-            .group_by(Task.pool)
+            .group_by(Task.route)
         )
-        inflight = {pool: n for pool, n in inflight_rows.all()}
-        windows = {p: fixed if fixed > 0 else max(MIN_WINDOW, 2 * agents.get(p, 0)) for p in pools}
-        due = [p for p in sorted(pools) if windows[p] - inflight.get(p, 0) >= refill_at(windows[p])]
-        if not due:
-            return 0
-        busy = await s.execute(
-            select(Task.pool, Job.owner, func.count())
-            .join(Job, Task.job_id == Job.id)
-            .where(
-                Task.pool.in_(pools),
-                or_(
-                    Task.state == sm.RUNNING,
-                    (Task.state == sm.QUEUED) & Task.dispatched_at.is_not(None),
-                ),
+        inflight = {route: n for route, n in inflight_rows.all()}
+        windows = {
+            r: fixed if fixed > 0 else max(MIN_WINDOW, 2 * len(names)) for r, names in agents_of.items()
+        }
+        free = {r: windows[r] - inflight.get(r, 0) for r in agents_of}
+        due = {r: free[r] for r in sorted(agents_of) if free[r] >= refill_at(windows[r])}
+        if due:
+            busy = await s.execute(
+                select(Task.pool, Job.owner, func.count())
+                .join(Job, Task.job_id == Job.id)
+                .where(
+                    Task.pool.in_(pools),
+                    or_(
+                        Task.state == sm.RUNNING,
+                        (Task.state == sm.QUEUED) & Task.dispatched_at.is_not(None),
+                    ),
+                )
+                .group_by(Task.pool, Job.owner)
             )
-            .group_by(Task.pool, Job.owner)
-        )
-        share: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        for pool, owner, n in busy.all():
-            share[pool][owner] = n
-        for pool in due:
-            free = windows[pool] - inflight.get(pool, 0)
-            chosen = await _choose(s, [j for j in jobs if j.pool == pool], free, share[pool])
-            if not chosen:
-                continue
-            ids = [t.id for t, _ in chosen]
-            await s.execute(
-                update(Task)
-                .where(Task.id.in_(ids), Task.state == sm.QUEUED, Task.dispatched_at.is_(None))
-                .values(dispatched_at=now)
-                .execution_options(synchronize_session=False)
-            )
-            s.add_all([outbox_for(t, job) for t, job in chosen])
-            dispatched += len(chosen)
+            share: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+            for pool, owner, n in busy.all():
+                share[pool][owner] = n
+            for pool in sorted(pools):
+                cap = {r: n for r, n in due.items() if r in routes[pool]}
+                if not cap:
+                    continue
+                candidates = [(j, [r for r in job_routes[j.id] if r in cap]) for j in jobs if j.pool == pool]
+                picks = [(j, rs) for j, rs in candidates if rs]
+                chosen = await _choose(s, picks, cap, share[pool], agents_of, blocked, now)
+                by_route: dict[str, list[str]] = defaultdict(list)
+                for t, _, r in chosen:
+                    by_route[r].append(t.id)
+                for r, ids in by_route.items():
+                    await s.execute(
+                        update(Task)
+                        .where(Task.id.in_(ids), Task.state == sm.QUEUED, Task.dispatched_at.is_(None))
+                        .values(dispatched_at=now, route=r)
+                        .execution_options(synchronize_session=False)
+                    )
+                s.add_all([outbox_for(t, job, r) for t, job, r in chosen])
+                dispatched += len(chosen)
         await s.commit()
     if dispatched:
         ctx.outbox_ready.set()
+    for job_id in noted:
+        await publish_job(ctx, job_id, now=False)
     return dispatched
 
 
-async def _choose(s, jobs: list[Job], free: int, share: dict[str, int]) -> list[tuple[Task, Job]]:  # type: ignore[no-untyped-def]
-    """Pick up to ``free`` undispatched tasks from ``jobs`` (sorted by priority, then age)."""
-    chosen: list[tuple[Task, Job]] = []
+async def _choose(
+    s: AsyncSession,
+    jobs: list[tuple[Job, list[str]]],
+    cap: dict[str, int],
+    share: dict[str, int],
+    agents_of: dict[str, list[str]],
+    blocked: dict[str, set[str]],
+    now: datetime,
+) -> list[tuple[Task, Job, str]]:
+    """Pick undispatched tasks of ``jobs`` (sorted by priority, then age; each with the routes
+    it may use) for the free slots ``cap`` (route -> slots, decremented); returns
+    ``(task, job, route)`` triples. A task goes to the route with the most free slots among
+    those holding an online agent that neither failed it nor is blocklisted for its job."""
+    chosen: list[tuple[Task, Job, str]] = []
     i = 0
-    while i < len(jobs) and len(chosen) < free:
-        level = jobs[i].priority
-        same = [j for j in jobs[i:] if j.priority == level]
+    while i < len(jobs) and sum(cap.values()) > 0:
+        level = jobs[i][0].priority
+        same = [jr for jr in jobs[i:] if jr[0].priority == level]
         i += len(same)
-        pending: dict[str, list[tuple[Task, Job]]] = defaultdict(list)
-        for job in same:  # oldest first within an owner
-            need = free - len(chosen) - len(pending[job.owner])
+        pending: dict[str, list[tuple[Task, Job, list[str]]]] = defaultdict(list)
+        for job, job_routes in same:  # oldest first within an owner
+            room = min(sum(cap[r] for r in job_routes), sum(cap.values()))
+            need = room - len(pending[job.owner])
             if need <= 0:  # this owner already has more candidates than there are slots
                 continue
-            tasks = (
-                await s.scalars(
-                    select(Task)
-                    .where(Task.job_id == job.id, Task.state == sm.QUEUED, Task.dispatched_at.is_(None))
-                    .order_by(Task.index)
-                    .limit(need)
-                )
-            ).all()
-            pending[job.owner].extend((t, job) for t in tasks)
+            pending[job.owner].extend(
+                await _candidates(s, job, job_routes, need, agents_of, blocked[job.id], now)
+            )
         cursors = {owner: 0 for owner in pending}
-        while len(chosen) < free:
+        while sum(cap.values()) > 0:
             live = [o for o in pending if cursors[o] < len(pending[o])]
             if not live:
                 break
             owner = min(live, key=lambda o: (share.get(o, 0), o))
-            chosen.append(pending[owner][cursors[owner]])
+            task, job, task_routes = pending[owner][cursors[owner]]
             cursors[owner] += 1
+            open_routes = [r for r in task_routes if cap[r] > 0]
+            if not open_routes:
+                continue
+            route = max(open_routes, key=lambda r: (cap[r], _preferred(job.device, r), r))
+            cap[route] -= 1
+            chosen.append((task, job, route))
             share[owner] = share.get(owner, 0) + 1
     return chosen
+
+
+def _preferred(device: str, route: str) -> bool:
+    """Between routes with as many free slots: a CPU route for a ``cpu`` job, a GPU one otherwise."""
+    return bool(route_backends(route)) != (device == "cpu")
+
+
+async def _candidates(
+    s: AsyncSession,
+    job: Job,
+    job_routes: list[str],
+    need: int,
+    agents_of: dict[str, list[str]],
+    blocked: set[str],
+    now: datetime,
+) -> list[tuple[Task, Job, list[str]]]:
+    """Up to ``need`` of the job's tasks due for dispatch, in frame order, each with the routes
+    it may go to. Tasks that every online agent of those routes failed are skipped (and more
+    read in their place, a few times at most)."""
+    out: list[tuple[Task, Job, list[str]]] = []
+    offset = 0
+    for _ in range(REFETCH_ROUNDS):
+        tasks = (
+            await s.scalars(
+                select(Task)
+                .where(
+                    Task.job_id == job.id,
+                    Task.state == sm.QUEUED,
+                    Task.dispatched_at.is_(None),
+                    or_(Task.not_before.is_(None), Task.not_before <= now),
+                )
+                .order_by(Task.index)
+                .offset(offset)
+                .limit(need)
+            )
+        ).all()
+        skipped = 0
+        for t in tasks:
+            excluded: set[str] = blocked | set(t.failed_agents or [])
+            routes = [r for r in job_routes if _open_to(agents_of[r], excluded)]
+            if routes:
+                out.append((t, job, routes))
+            else:
+                skipped += 1
+        if not skipped or len(tasks) < need:
+            break
+        offset += len(tasks)
+        need = skipped
+    return out
 
 
 @retry_on_disconnect
@@ -160,7 +305,7 @@ async def forget_dispatches(ctx: FarmContext) -> int:
         res = await s.execute(
             update(Task)
             .where(Task.state == sm.QUEUED, Task.dispatched_at.is_not(None))
-            .values(dispatched_at=None)
+            .values(dispatched_at=None, route=None)
         )
         await s.execute(
             update(OutboxMessage).where(OutboxMessage.published_at.is_(None)).values(published_at=utcnow())

@@ -1,11 +1,14 @@
 """The reconciler: compares the database (the truth) with the broker and the cache, and repairs drift.
 
-* **Broker.** A task dispatched to a pool's queue but neither claimed nor waiting
+* **Broker.** A task dispatched to a route's queue but neither claimed nor waiting
   there (its message was lost with a broker restart, or dead-lettered) would wait
-  for ever. When a queue holds fewer messages than the pool has dispatched,
+  for ever. When a queue holds fewer messages than the route has dispatched,
   unclaimed tasks, the oldest such tasks dispatched more than ``grace_s`` seconds
-  ago are handed back to the dispatcher. A task published twice is harmless: the
-  second claim is refused (409) and the agent drops the message.
+  ago are handed back to the dispatcher. So are tasks waiting more than ``grace_s``
+  seconds on a route that no online agent serves while another route of the same pool
+  has agents (sent to the pool's CPU queue while no agent was online, and then only GPU
+  agents came). A task published twice is harmless: the second claim is refused (409)
+  and the agent drops the message.
 * **Cache.** The cached summaries of unfinished jobs and the statuses of their
   running tasks are compared with the database and rewritten when they differ. After
   a cache outage (``on_recover``) every unfinished job is rewritten whole.
@@ -21,13 +24,14 @@ from typing import Any
 
 from sqlalchemy import delete, func, select, update
 
+from protocol.devices import route_pool
 from protocol.messages import queue_for_pool
 from server.context import FarmContext
 from server.jobs import task_state_machine as sm
 from server.jobs.service import job_summary, status_of
 from server.jobs.status import task_status
 from server.persistence.retry import retry_on_disconnect
-from server.persistence.tables import Job, OutboxMessage, Task, utcnow
+from server.persistence.tables import Agent, Job, OutboxMessage, Task, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +48,32 @@ async def reconcile_broker(ctx: FarmContext, grace_s: float = 30.0) -> int:
         if unpublished:  # the relay is behind (or the broker is down): nothing to compare yet
             return 0
         rows = await s.execute(
-            select(Task.pool, func.count())
+            select(Task.pool, Task.route, func.count())
             .where(Task.state == sm.QUEUED, Task.dispatched_at.is_not(None))
-            .group_by(Task.pool)
+            .group_by(Task.pool, Task.route)
         )
-        for pool, waiting in rows.all():
-            try:
-                depth = await ctx.broker.depth(queue_for_pool(pool))
-            except Exception as exc:
-                log.info("reconciler: cannot read the depth of pool %s: %s", pool, exc)
-                continue
-            lost = waiting - depth
+        waiting_on = [(pool, route or pool, n) for pool, route, n in rows.all()]
+        served: set[str] = set()
+        if waiting_on:
+            since = utcnow() - timedelta(seconds=max(3 * ctx.settings.heartbeat_s, 15.0))
+            served = set(
+                (
+                    await s.scalars(
+                        select(Agent.route).where(Agent.state == "online", Agent.last_seen_at >= since)
+                    )
+                ).all()
+            )
+        served_pools = {route_pool(r) for r in served}
+        for pool, route, waiting in waiting_on:
+            if route not in served and pool in served_pools:
+                lost, why = waiting, "wait on a route no online agent serves"
+            else:
+                try:
+                    depth = await ctx.broker.depth(queue_for_pool(route))
+                except Exception as exc:
+                    log.info("reconciler: cannot read the depth of route %s: %s", route, exc)
+                    continue
+                lost, why = waiting - depth, "were missing from the broker"
             if lost <= 0:
                 continue
             ids = (
@@ -64,6 +83,7 @@ async def reconcile_broker(ctx: FarmContext, grace_s: float = 30.0) -> int:
                         Task.pool == pool,
                         Task.state == sm.QUEUED,
                         Task.dispatched_at.is_not(None),
+                        (Task.route == route) | (Task.route.is_(None) & (Task.pool == route)),
                         Task.dispatched_at < cutoff,
                     )
                     .order_by(Task.dispatched_at)
@@ -74,15 +94,11 @@ async def reconcile_broker(ctx: FarmContext, grace_s: float = 30.0) -> int:
                 await s.execute(
                     update(Task)
                     .where(Task.id.in_(ids), Task.state == sm.QUEUED)
-                    .values(dispatched_at=None)
+                    .values(dispatched_at=None, route=None)
                     .execution_options(synchronize_session=False)
                 )
                 repaired += len(ids)
-                log.warning(
-                    "reconciler: %d task(s) of pool %s were missing from the broker; dispatching again",
-                    len(ids),
-                    pool,
-                )
+                log.warning("reconciler: %d task(s) of route %s %s; dispatching again", len(ids), route, why)
         await s.commit()
     if repaired:
         ctx.dispatch_ready.set()
