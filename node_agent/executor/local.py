@@ -111,6 +111,40 @@ def _signal_all(proc: asyncio.subprocess.Process, sig: int) -> None:
             proc.send_signal(sig)
 
 
+def blender_argv(mode: str, program: str, script: str | Path, args: list[str]) -> list[str]:
+    """Return the command line that runs ``script`` with ``args`` in Blender.
+
+    ``mode`` ``"binary"``: ``PROGRAM -b --factory-startup --disable-autoexec -noaudio
+    --python-exit-code 1 --python SCRIPT -- ARGS`` (``program`` is a Blender binary); Blender
+    exits 0 after a Python error unless given ``--python-exit-code`` (Blender's command-line
+    docs), and everything after ``--`` is left to the script.
+    ``mode`` ``"module"``: ``PROGRAM -I SCRIPT ARGS`` (``program`` is a Python with the bpy
+    module); ``-I`` (isolated mode) ignores ``PYTHON*`` variables, the user site and the
+    script's folder, and keeps the venv's packages.
+
+    Raises:
+        ValueError: ``mode`` is neither ``"binary"`` nor ``"module"``.
+    """
+    script = str(script)
+    if mode == "binary":
+        return [
+            program,
+            "-b",
+            "--factory-startup",
+            "--disable-autoexec",
+            "-noaudio",
+            "--python-exit-code",
+            "1",
+            "--python",
+            script,
+            "--",
+            *args,
+        ]
+    if mode == "module":
+        return [program, "-I", script, *args]
+    raise ValueError(f"unknown Blender mode {mode!r} (binary or module)")
+
+
 class LocalExecutor:
     """Runs Blender as a subprocess of the agent, in its own process group.
 
@@ -143,31 +177,8 @@ class LocalExecutor:
             )
 
     def argv(self, run: BlenderRun) -> list[str]:
-        """Return the command line for ``run``.
-
-        Binary: ``blender -b --factory-startup --disable-autoexec -noaudio
-        --python-exit-code 1 --python SCRIPT -- ARGS``; Blender exits 0 after a Python
-        error unless given ``--python-exit-code`` (Blender's command-line docs), and
-        everything after ``--`` is left to the script.
-        Module: ``python -I SCRIPT ARGS``; ``-I`` (isolated mode) ignores ``PYTHON*``
-        variables, the user site and the script's folder, and keeps the venv's packages.
-        """
-        script = str(run.script)
-        if self.mode == "binary":
-            return [
-                self.program,
-                "-b",
-                "--factory-startup",
-                "--disable-autoexec",
-                "-noaudio",
-                "--python-exit-code",
-                "1",
-                "--python",
-                script,
-                "--",
-                *run.args,
-            ]
-        return [self.program, "-I", script, *run.args]
+        """Return the command line for ``run``: :func:`blender_argv` of this Blender."""
+        return blender_argv(self.mode, self.program, run.script, run.args)
 
     async def run(
         self,
