@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +13,73 @@ import aiohttp
 
 from node_agent.agent import NodeAgent, ServerError
 from node_agent.capabilities import detect
+from node_agent.executor.base import Executor
 from node_agent.executor.local import LocalExecutor
 from node_agent.inputs import DEFAULT_MAX_BYTES, InputCache
 from server.broker import open_broker
 from server.config import DEFAULT_DATA_DIR, redact_url
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Parse a size such as ``8g``, ``512m``, ``1.5G``, ``2GiB`` or ``1048576`` (bytes) into
+    bytes; the units are powers of 1024 (k, m, g, t, optionally followed by ``b``/``ib``).
+
+    Raises:
+        ValueError: not a positive number with an optional unit.
+    """
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if m is None or (not m.group(2) and text.strip().lower().endswith("ib")):
+        raise ValueError(f"{text!r} is not a size (e.g. 8g, 512m, 1.5g)")
+    value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    if value <= 0:
+        raise ValueError(f"{text!r} is not a positive size")
+    return value
+
+
+@dataclass(frozen=True)
+class ExecutorOptions:
+    """How the agent runs Blender (``renderfarm agent --executor ...``).
+
+    Attributes:
+        kind: ``"local"`` (a subprocess) or ``"docker"`` (a container per task).
+        image: the render image (docker).
+        memory_bytes: memory limit of a container, in bytes (docker; None: 3/4 of the machine's).
+        cpus: CPUs a container may use (docker; None: all).
+        pids: limit on processes and threads in a container (docker).
+        gpus: None, ``"all"`` or NVIDIA device ids (docker).
+    """
+
+    kind: str = "local"
+    image: str | None = None
+    memory_bytes: int | None = None
+    cpus: float | None = None
+    pids: int | None = None
+    gpus: str | list[str] | None = None
+
+
+def make_executor(options: ExecutorOptions, blender: str | None) -> Executor:
+    """The executor ``options`` ask for.
+
+    Raises:
+        BlenderNotFound: no Blender for the local executor; for docker its subclass
+            ``ExecutorUnavailable``: dockerd does not answer or the image is missing.
+        ValueError: an unknown kind, or a bad limit.
+    """
+    if options.kind == "local":
+        return LocalExecutor(blender)
+    if options.kind == "docker":
+        from node_agent.executor.docker import DEFAULT_IMAGE, DEFAULT_PIDS, DockerExecutor
+
+        return DockerExecutor(
+            image=options.image or DEFAULT_IMAGE,
+            memory_bytes=options.memory_bytes,
+            cpus=options.cpus,
+            pids=options.pids or DEFAULT_PIDS,
+            gpus=options.gpus,
+        )
+    raise ValueError(f"unknown executor {options.kind!r} (local or docker)")
 
 
 async def run_agent(
@@ -28,6 +93,7 @@ async def run_agent(
     blender: str | None,
     console: Any,
     input_cache_bytes: int = DEFAULT_MAX_BYTES,
+    executor: ExecutorOptions | None = None,
 ) -> None:
     """Register with ``server``, then consume the pool's queue until SIGINT/SIGTERM.
 
@@ -38,6 +104,8 @@ async def run_agent(
         ValueError: the server refused the token or the registration, stayed unreachable for
             60 s, or uses the in-process broker (which agents in other processes cannot reach);
             or the broker URL is not usable.
+        BlenderNotFound: the executor cannot run Blender (for docker: ``ExecutorUnavailable``,
+            dockerd does not answer or the render image is missing).
     """
     loop = asyncio.get_running_loop()
     me = asyncio.current_task()
@@ -46,7 +114,17 @@ async def run_agent(
         loop.add_signal_handler(sig, me.cancel)
     try:
         name = await _serve(
-            server, token, broker_url, name, pool, tags, work_dir, blender, console, input_cache_bytes
+            server,
+            token,
+            broker_url,
+            name,
+            pool,
+            tags,
+            work_dir,
+            blender,
+            console,
+            input_cache_bytes,
+            executor or ExecutorOptions(),
         )
     except asyncio.CancelledError:
         pass
@@ -64,15 +142,17 @@ async def _serve(
     blender: str | None,
     console: Any,
     input_cache_bytes: int = DEFAULT_MAX_BYTES,
+    executor_options: ExecutorOptions | None = None,
 ) -> str:
     work = work_dir or DEFAULT_DATA_DIR / "agent"  # replaced by agent-<name> once the name is known
+    executor = make_executor(executor_options or ExecutorOptions(), blender)
     caps = detect(blender, tags)
     agent = NodeAgent(
         server,
         token,
         None,
         work,
-        LocalExecutor(blender),
+        executor,
         name=name,
         pool=pool,
         capabilities=caps,  # type: ignore[arg-type]
@@ -91,6 +171,7 @@ async def _serve(
     if work_dir is None:
         agent.work_dir = DEFAULT_DATA_DIR / f"agent-{name}"
         agent.inputs = InputCache(agent.work_dir / "inputs", max_bytes=agent.inputs.max_bytes)
+    await _prepare_executor(executor, agent.work_dir, name, console)
     url = broker_url or reg.get("broker_url")
     if not url:
         raise ValueError(
@@ -114,3 +195,21 @@ async def _serve(
     finally:
         await broker.close()
     return name
+
+
+async def _prepare_executor(executor: Executor, work_dir: Path, name: str, console: Any) -> None:
+    """For an executor with containers (``reap_orphans``): label them with the agent's name,
+    stage scripts in the work folder (a path the Docker daemon sees the same when the agent
+    runs in a container with that folder mounted at the same path), and remove containers an
+    earlier process of this agent left behind."""
+    reap = getattr(executor, "reap_orphans", None)
+    if reap is None:
+        return
+    executor.labels = {**getattr(executor, "labels", {}), "agent": name}  # type: ignore[attr-defined]
+    if getattr(executor, "stage_dir", None) is None:
+        executor.stage_dir = work_dir / "exec"  # type: ignore[attr-defined]
+    removed = await reap({"agent": name})
+    if removed:
+        console.print(
+            f"agent {name}: removed {len(removed)} container(s) left by a previous run", highlight=False
+        )

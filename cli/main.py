@@ -341,6 +341,45 @@ def server(host: str, port: int, config_file: Path | None, **flags: Any) -> None
     show_default=True,
     help="GiB of models the agent keeps in its input cache; least recently used ones go past it.",
 )
+@click.option(
+    "--executor",
+    "executor_kind",
+    type=click.Choice(["local", "docker"]),
+    default="local",
+    show_default=True,
+    envvar="RENDERFARM_AGENT_EXECUTOR",
+    help="Run Blender as a local process, or in a Docker container per task (no network, "
+    "read-only input, limits; see docker/build-images.sh for the image).",
+)
+@click.option(
+    "--image",
+    default=None,
+    help="Render image of --executor docker [default: renderfarm/render:local].",
+)
+@click.option(
+    "--memory",
+    default=None,
+    metavar="SIZE",
+    help="Memory limit of a render container, no swap (e.g. 8g, 512m) [default: 3/4 of this machine's].",
+)
+@click.option(
+    "--cpus",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="CPUs a render container may use (e.g. 4, 1.5) [default: all].",
+)
+@click.option(
+    "--pids",
+    type=click.IntRange(min=16),
+    default=None,
+    help="Limit on processes and threads in a render container [default: 512].",
+)
+@click.option(
+    "--gpus",
+    default=None,
+    metavar="all|none|IDS",
+    help="NVIDIA GPUs of a render container: all, none, or device ids such as 0,1 [default: none].",
+)
 def agent(
     server: str,
     token: str,
@@ -351,9 +390,39 @@ def agent(
     work_dir: Path | None,
     blender: str | None,
     cache_size: float,
+    executor_kind: str,
+    image: str | None,
+    memory: str | None,
+    cpus: float | None,
+    pids: int | None,
+    gpus: str | None,
 ) -> None:
     """Run one node agent: register with SERVER, take tasks from the broker, render, report."""
-    from cli.agent import run_agent
+    from cli.agent import ExecutorOptions, parse_size, run_agent
+
+    docker_only = {"--image": image, "--memory": memory, "--cpus": cpus, "--pids": pids, "--gpus": gpus}
+    given = [flag for flag, value in docker_only.items() if value is not None]
+    if executor_kind != "docker" and given:
+        raise click.UsageError(f"{', '.join(given)} apply only to --executor docker")
+    memory_bytes = None
+    if memory is not None:
+        try:
+            memory_bytes = parse_size(memory)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--memory") from None
+        if memory_bytes < 6 << 20:
+            raise click.BadParameter(f"{memory!r} is below Docker's minimum of 6 MiB", param_hint="--memory")
+    gpu_ids = None
+    if gpus is not None:
+        from node_agent.executor.docker import parse_gpus
+
+        try:
+            gpu_ids = parse_gpus(gpus)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--gpus") from None
+    if executor_kind == "docker" and blender:
+        raise click.UsageError("--blender applies only to --executor local (the image brings Blender)")
+    options = ExecutorOptions(executor_kind, image, memory_bytes, cpus, pids, gpu_ids)
 
     try:
         asyncio.run(
@@ -368,6 +437,7 @@ def agent(
                 blender,
                 console,
                 input_cache_bytes=int(cache_size * (1 << 30)),
+                executor=options,
             )
         )
     except (ValueError, BlenderNotFound) as exc:
