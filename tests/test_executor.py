@@ -398,7 +398,7 @@ async def test_render_task_through_executor(tmp_path, sample_blend):
     assert outcome.ok, outcome.log_tail
     events = [e for e in map(parse_line, lines) if e is not None]
     kinds = [e.kind for e in events]
-    assert kinds[0] == "start" and kinds[-1] == "done"
+    assert kinds[:2] == ["device", "start"] and kinds[-1] == "done"
     done = [e for e in events if e.kind == "frame_done"]
     saved = [e for e in events if e.kind == "saved"]
     assert [e.frame for e in done] == [2, -1]

@@ -145,6 +145,7 @@ def test_png_frames_including_a_negative_one(tmp_path, demo_blend):
     assert res.returncode == 0, res.stderr[-3000:]
 
     assert res.kinds() == [
+        "device",
         "start",
         *[k for f in frames for k in ("frame_start", "frame_done")],
         "done",
