@@ -264,6 +264,18 @@ class FarmClient:
         """``PATCH /api/jobs/{id}`` with a new priority."""
         return await self._json("PATCH", f"/api/jobs/{_q(job_id)}", json={"priority": priority})
 
+    async def blocklist(self, job_id: str) -> dict[str, Any]:
+        """``GET /api/jobs/{id}/blocklist``: ``{"job_id", "blocklist_after", "agents": [...]}``."""
+        return await self._json("GET", f"/api/jobs/{_q(job_id)}/blocklist")
+
+    async def clear_blocklist(self, job_id: str, agent: str) -> dict[str, Any]:
+        """``DELETE /api/jobs/{id}/blocklist/{agent}``: ``{"job_id", "agent", "cleared"}``."""
+        return await self._json("DELETE", f"/api/jobs/{_q(job_id)}/blocklist/{_q(agent)}")
+
+    async def agents(self) -> list[dict[str, Any]]:
+        """``GET /api/agents``: registered agents, online ones first."""
+        return (await self._json("GET", "/api/agents"))["agents"]
+
     async def outputs(self, job_id: str) -> dict[str, Any]:
         """``GET /api/jobs/{id}/outputs``."""
         return await self._json("GET", f"/api/jobs/{_q(job_id)}/outputs")

@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cli import credentials
 from cli.client import ClientError, FarmClient
 from node_agent.executor.base import BlenderNotFound
+from protocol.devices import DEVICES
 from protocol.frames import FrameSpecError, parse_frames
 
 console = Console(stderr=True)
@@ -477,6 +478,19 @@ def _render_options(f: Any) -> Any:
             "--pool", default=None, help="Capability pool whose agents render it (default: default)."
         ),
         click.option(
+            "--device",
+            type=click.Choice(DEVICES, case_sensitive=False),
+            default=None,
+            help="What to render on: any (a GPU where the agent has one, else its CPU), cpu, gpu "
+            "(any GPU backend) or gpu:<backend>; only agents offering it get the tasks [default: any].",
+        ),
+        click.option(
+            "--cpu-fallback",
+            is_flag=True,
+            default=None,
+            help="When an agent's GPU devices fail, render on its CPU instead of failing the attempt.",
+        ),
+        click.option(
             "--allow-missing",
             is_flag=True,
             default=None,
@@ -648,10 +662,26 @@ def status(job_id: str, server: str, wait: bool) -> None:
                 f"({j['frames_done']}/{j['frame_count']} frames) {escape(j['message'])}",
                 highlight=False,
             )
+            extra = []
+            if j.get("device", "any") != "any":
+                extra.append(
+                    f"device {j['device']}" + (" (CPU fallback allowed)" if j.get("cpu_fallback") else "")
+                )
+            if j.get("fallback_tasks"):
+                extra.append(f"{j['fallback_tasks']} task(s) fell back to the CPU")
+            if j.get("blocklist"):
+                extra.append(f"blocklisted agents: {', '.join(j['blocklist'])}")
+            if extra:
+                console.print("  " + escape("; ".join(extra)), highlight=False)
             for t in tasks:
+                used = (
+                    f" [{t['device_used']}{', fallback' if t.get('fallback') else ''}]"
+                    if t.get("device_used")
+                    else ""
+                )
                 console.print(
                     f"  task {t['index']:>4} {t['state']:<10} frames {t['frames']} "
-                    f"{escape(t['agent'] or '')} {escape(t['message'])}",
+                    f"{escape(t['agent'] or '')}{escape(used)} {escape(t['message'])}",
                     highlight=False,
                 )
             return 1 if j["state"] in ("failed", "canceled") else 0
@@ -795,3 +825,4 @@ from cli.db_cmd import db as _db_group  # noqa: E402  (renderfarm db upgrade|cur
 main.add_command(_db_group)
 
 import cli.accounts  # noqa: E402, F401  (registers login, logout, whoami, user, project, token, audit)
+from cli import nodes_cmd  # noqa: E402, F401  (registers agents, blocklist)
