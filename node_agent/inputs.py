@@ -96,7 +96,7 @@ class InputCache:
     async def _download(
         self, http: aiohttp.ClientSession, server_url: str, spec: TaskSpec, folder: Path
     ) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=self.root))
         try:
             raw = staging / "download"
@@ -198,8 +198,16 @@ def input_url(server_url: str, url: str) -> tuple[URL, bool]:
 
 
 def _make_read_only(root: Path) -> None:
-    """Blender reads inputs only; make the files read-only so a render cannot change the cache."""
-    for dirpath, _dirs, files in os.walk(root):
+    """Blender reads inputs only; make the files read-only so a render cannot change the cache.
+
+    Files become 0444 and folders 0755: readable by the non-root user a container renders as
+    (the Docker executor mounts the model's folder read-only), while the cache folder above
+    them is 0700, so no other user of the machine can reach them.
+    """
+    os.chmod(root, 0o755)  # noqa: S103 (for the container user; the cache folder above is 0700)
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(dirpath, name), 0o755)  # noqa: S103 (as above)
         for name in files:
             p = os.path.join(dirpath, name)
-            os.chmod(p, stat.S_IRUSR | stat.S_IRGRP)
+            os.chmod(p, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
