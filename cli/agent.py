@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import signal
 from dataclasses import dataclass
@@ -94,11 +95,18 @@ async def run_agent(
     console: Any,
     input_cache_bytes: int = DEFAULT_MAX_BYTES,
     executor: ExecutorOptions | None = None,
+    warm: bool = True,
+    backends: list[str] | None = None,
 ) -> None:
     """Register with ``server``, then consume the pool's queue until SIGINT/SIGTERM.
 
     The broker URL comes from ``broker_url`` or else from the server's answer to the
     registration. On SIGTERM the task in progress is handed back to the server.
+
+    ``warm``: keep one Blender process (or container) across consecutive tasks of a job.
+    ``backends``: the Cycles GPU backends to advertise instead of the detected ones. With the
+    Docker executor and no ``gpus`` option, the detected NVIDIA GPUs are all given to the
+    containers; when no backend is advertised, none is.
 
     Raises:
         ValueError: the server refused the token or the registration, stayed unreachable for
@@ -125,6 +133,8 @@ async def run_agent(
             console,
             input_cache_bytes,
             executor or ExecutorOptions(),
+            warm,
+            backends,
         )
     except asyncio.CancelledError:
         pass
@@ -143,10 +153,15 @@ async def _serve(
     console: Any,
     input_cache_bytes: int = DEFAULT_MAX_BYTES,
     executor_options: ExecutorOptions | None = None,
+    warm: bool = True,
+    backends: list[str] | None = None,
 ) -> str:
     work = work_dir or DEFAULT_DATA_DIR / "agent"  # replaced by agent-<name> once the name is known
-    executor = make_executor(executor_options or ExecutorOptions(), blender)
-    caps = detect(blender, tags)
+    options = executor_options or ExecutorOptions()
+    caps = detect(blender, tags, backends)
+    if options.kind == "docker" and options.gpus is None and caps["gpus"] and caps["backends"]:
+        options = dataclasses.replace(options, gpus="all")  # the GPUs it advertises, in its containers
+    executor = make_executor(options, blender)
     agent = NodeAgent(
         server,
         token,
@@ -157,6 +172,7 @@ async def _serve(
         pool=pool,
         capabilities=caps,  # type: ignore[arg-type]
         input_cache_bytes=input_cache_bytes,
+        warm=warm,
     )
 
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:

@@ -162,7 +162,7 @@ def _load(config_file: Path | None, **flags: Any) -> Any:
         _fail(str(exc))
 
 
-def _serve(settings: Any, host: str, port: int, agents: int, what: str) -> None:
+def _serve(settings: Any, host: str, port: int, agents: int, what: str, warm: bool = True) -> None:
     """Run the farm (API, scheduler and ``agents`` local agents) until SIGINT/SIGTERM."""
     from cli.farm import running_farm
     from server.config import redact_url
@@ -172,7 +172,7 @@ def _serve(settings: Any, host: str, port: int, agents: int, what: str) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with running_farm(settings, host, port, agents) as farm:
+        async with running_farm(settings, host, port, agents, warm=warm) as farm:
             # What start-up made (modules, ORM mappers, routes) lives as long as the process: keep
             # the cyclic GC from rescanning it on every full collection (that cost ~45 us of each
             # status read under load, 160,000 objects; benchmarks/status_api.py).
@@ -282,14 +282,20 @@ def _server_hint(url: str) -> str:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=3000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--agents", default=1, show_default=True, type=click.IntRange(0, 64), help="Local node agents.")
+@click.option(
+    "--warm/--no-warm",
+    default=True,
+    show_default=True,
+    help="Local agents keep one Blender process across consecutive tasks of a job.",
+)
 @backend_options
-def up(host: str, port: int, agents: int, config_file: Path | None, **flags: Any) -> None:
+def up(host: str, port: int, agents: int, warm: bool, config_file: Path | None, **flags: Any) -> None:
     """Start the whole farm in one process: API, scheduler and local node agents.
 
     Once up, the CLI is logged in to it as the first admin (a token stored in the CLI's
     credentials, kept while it works), so that ``renderfarm submit`` needs no login.
     """
-    _serve(_load(config_file, **flags), host, port, agents, "farm")
+    _serve(_load(config_file, **flags), host, port, agents, "farm", warm=warm)
 
 
 @main.command()
@@ -379,7 +385,22 @@ def server(host: str, port: int, config_file: Path | None, **flags: Any) -> None
     "--gpus",
     default=None,
     metavar="all|none|IDS",
-    help="NVIDIA GPUs of a render container: all, none, or device ids such as 0,1 [default: none].",
+    help="NVIDIA GPUs of a render container: all, none, or device ids such as 0,1 [default: all the "
+    "detected ones when the agent advertises a GPU backend; none: it advertises none].",
+)
+@click.option(
+    "--warm/--no-warm",
+    default=True,
+    show_default=True,
+    help="Keep one Blender process (or container) across consecutive tasks of a job.",
+)
+@click.option(
+    "--backends",
+    default=None,
+    metavar="LIST",
+    help="Cycles GPU backends to advertise instead of the detected ones, comma-separated "
+    "(OPTIX, CUDA, HIP, ONEAPI, METAL), or 'none' for CPU only. NVIDIA GPUs are detected; "
+    "AMD and Intel ones must be named.",
 )
 def agent(
     server: str,
@@ -397,6 +418,8 @@ def agent(
     cpus: float | None,
     pids: int | None,
     gpus: str | None,
+    warm: bool,
+    backends: str | None,
 ) -> None:
     """Run one node agent: register with SERVER, take tasks from the broker, render, report."""
     from cli.agent import ExecutorOptions, parse_size, run_agent
@@ -424,6 +447,21 @@ def agent(
     if executor_kind == "docker" and blender:
         raise click.UsageError("--blender applies only to --executor local (the image brings Blender)")
     options = ExecutorOptions(executor_kind, image, memory_bytes, cpus, pids, gpu_ids)
+    backend_list = None
+    if backends is not None:
+        from protocol.devices import BACKENDS
+
+        backend_list = [b.strip().upper() for b in backends.split(",") if b.strip()]
+        if backend_list == ["NONE"]:
+            backend_list = []
+        unknown = [b for b in backend_list if b not in BACKENDS]
+        if unknown:
+            raise click.BadParameter(
+                f"unknown backend(s) {', '.join(unknown)}; known: {', '.join(BACKENDS)} or none",
+                param_hint="--backends",
+            )
+    if gpus is not None and gpu_ids is None and backend_list is None:
+        backend_list = []  # --gpus none: the containers get no GPU, so advertise none
 
     try:
         asyncio.run(
@@ -439,6 +477,8 @@ def agent(
                 console,
                 input_cache_bytes=int(cache_size * (1 << 30)),
                 executor=options,
+                warm=warm,
+                backends=backend_list,
             )
         )
     except (ValueError, BlenderNotFound) as exc:

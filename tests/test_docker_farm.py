@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 import subprocess
 import sys
@@ -264,3 +265,55 @@ async def test_a_render_past_its_memory_limit_fails_as_out_of_memory(tmp_path: P
     assert task["failure_kind"] == "oom", task
     assert "ran out of memory" in task["message"]
     assert done["frames_done"] == 0
+
+
+@pytest.fixture
+def process_farm(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A ``renderfarm server`` process on MariaDB, RabbitMQ, Redis and S3 (lease 6 s), no agent yet."""
+    from tests.production import production_backends
+    from tests.test_production import Farm as ProcessFarm
+
+    with production_backends(request) as backends:
+        farm = ProcessFarm(tmp_path, backends, lease_s=6)
+        try:
+            farm.start_server()
+            yield farm
+        finally:
+            farm.stop()
+
+
+def test_an_agent_sigkilled_mid_frame_leaves_no_container_and_the_job_completes_on_another(
+    process_farm: Any, sample_blend: Path
+) -> None:
+    farm = process_farm
+    executor = _executor(memory_bytes=512 * MiB)
+    try:
+        for name in ("dock-a", "dock-b"):
+            farm.start_agent(name, "--executor", "docker", "--memory", "2g", "--backends", "none")
+        online = farm.wait_agents_online(2)
+        assert {a["capabilities"]["backends"] == [] for a in online} == {True}
+        job_id = farm.submit(sample_blend, "--frames", "1-4", "--chunk", "4", "--samples", "64")
+        task = farm.wait_running(job_id)
+        victim = task["agent"]
+        other = "dock-b" if victim == "dock-a" else "dock-a"
+        assert _containers(executor, victim, running_only=True), "the render runs in a container"
+        farm.agents[victim].send_signal(signal.SIGKILL)
+        farm.agents[victim].wait(10)
+        deadline = time.monotonic() + 15
+        while _containers(executor, victim, running_only=True):
+            assert time.monotonic() < deadline, "the killed agent's container kept rendering"
+            time.sleep(0.2)
+        job = farm.wait(job_id)
+        assert job["state"] == "completed", job["message"] + farm.tail()
+        [task] = farm.tasks(job_id)
+        assert task["agent"] == other and task["attempts"] == 2
+        stored = farm.frames(job_id)
+        assert sorted(f["frame"] for f in stored) == [1, 2, 3, 4], "every frame exactly once"
+        # the exited container of the killed agent is removed when an agent of that name starts again
+        farm.start_agent(victim, "--executor", "docker", "--memory", "2g")
+        deadline = time.monotonic() + 60
+        while _containers(executor, victim):
+            assert time.monotonic() < deadline, "leftover container not removed at restart"
+            time.sleep(0.3)
+    finally:
+        executor.close()

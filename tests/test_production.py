@@ -123,9 +123,9 @@ class Farm:
         self.server.wait(10)
         self.server = None
 
-    def start_agent(self, name: str) -> None:
+    def start_agent(self, name: str, *extra: str) -> None:
         """Start ``renderfarm agent`` with an agent token of its own (bound to ``name``) and no
-        storage credentials in its environment."""
+        storage credentials in its environment; ``extra``: more options of the command."""
         env = {
             k: v
             for k, v in self.env.items()
@@ -143,6 +143,7 @@ class Farm:
                 name,
                 "--work-dir",
                 str(self.tmp / name),
+                *extra,
             ],
             env,
         )
