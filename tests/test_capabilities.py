@@ -1,8 +1,9 @@
 """GPU detection of node_agent/capabilities.py.
 
 There is no NVIDIA GPU here: a stand-in ``nvidia-smi`` (a shell script on PATH printing what a
-real one prints for the same query) exercises the detection path; NVML is not installed here,
-so detection falls through to ``nvidia-smi`` as on a machine without ``nvidia-ml-py``.
+real one prints for the same query) exercises the detection path; NVML (``nvidia-ml-py``, the
+``gpu`` extra) finds no driver here, or is not installed, so detection falls through to
+``nvidia-smi`` as it does on such machines.
 """
 
 from __future__ import annotations
