@@ -22,7 +22,9 @@ then for each message, as a real agent does minus Blender:
   ``POST .../result`` with ``completed``, then ack;
 * mode ``claim``: ``POST .../claim`` and ``POST .../result`` with ``failed`` (a
   ``completed`` without stored frames would fail anyway), then ack: the scheduler's and
-  the claim's cost without the frame upload.
+  the claim's cost without the frame upload. The servers run with :data:`NO_RETRIES`, so
+  that each failed attempt fails its task for good (one claim per task, as before the
+  failure policy), no agent is blocklisted and the job is not failed early.
 
 Each job is submitted with ``POST /api/jobs`` (frames 1-N, chunk 1) once the agents wait,
 with a personal token of the admin. Every agent call is authenticated (a principal cached
@@ -102,6 +104,14 @@ def tiny_png() -> bytes:
         + chunk(b"IDAT", zlib.compress(b"\x00\x80\x80\x80"))
         + chunk(b"IEND", b"")
     )
+
+
+NO_RETRIES = {
+    "RENDERFARM_TASK_FAILURE_AGENTS": "1",
+    "RENDERFARM_BLOCKLIST_AFTER": "0",
+    "RENDERFARM_MAX_FAILED_TASK_SHARE": "1",
+}
+"""Failure-policy settings of the benchmark's servers: a failed attempt is final (mode ``claim``)."""
 
 
 # ----------------------------------------------------------------------------- simulated agents
@@ -475,7 +485,7 @@ def main() -> None:
     modes = ["claim", "full"] if args.mode == "both" else [args.mode]
     sigterm_as_interrupt()
     runs: list[JobRun] = []
-    env = {"RENDERFARM_DISPATCH_WINDOW": str(window)}
+    env = {"RENDERFARM_DISPATCH_WINDOW": str(window), **NO_RETRIES}
     try:
         with tempfile.TemporaryDirectory(prefix="rfbench-") as d:
             tmp = Path(d)

@@ -152,6 +152,8 @@ class Snapshot:
     """(unpublished rows, age in seconds of the oldest)."""
     agents: dict[tuple[str, str], int] | None = None
     """``{(pool, backend): online agents}``."""
+    routes: set[str] = field(default_factory=set)
+    """Routes of the online agents (their queues' depths are read too)."""
     queues: dict[str, int] = field(default_factory=dict)
     """``{queue: depth}`` for the queues that answered."""
     broker_up: bool = False
@@ -297,7 +299,7 @@ class FarmMetrics:
         pools = (
             {DEFAULT_POOL} | {pool for _, pool in snap.tasks or {}} | {pool for pool, _ in snap.agents or {}}
         )
-        queues = self.queues | {queue_for_pool(p) for p in pools}
+        queues = self.queues | {queue_for_pool(p) for p in pools | snap.routes}
         try:
             async with asyncio.timeout(SOURCE_TIMEOUT_S):
                 for queue in sorted(queues):
@@ -334,12 +336,13 @@ class FarmMetrics:
                 )
             ).one()
             rows = await s.execute(
-                select(Agent.pool, Agent.capabilities).where(
+                select(Agent.pool, Agent.capabilities, Agent.route).where(
                     Agent.state == "online", Agent.last_seen_at >= cutoff
                 )
             )
             agents: dict[tuple[str, str], int] = {}
-            for pool, caps in rows:
+            for pool, caps, route in rows:
+                snap.routes.add(route or pool)
                 for backend in _backends(caps):
                     key = (_label(pool), backend)
                     agents[key] = agents.get(key, 0) + 1

@@ -54,6 +54,9 @@ async def test_registration_answers_the_route_queue_and_refuses_unknown_backends
     assert listed["rtx-1"]["backends"] == ["OPTIX", "CUDA"]  # normalised: upper case, no repeats
     assert listed["rtx-1"]["capabilities"]["backends"] == ["OPTIX", "CUDA"]
     assert listed["cpu-1"]["route"] == "default" and listed["cpu-1"]["backends"] == []
+    async with farm.client.http.get(farm.url + "/metrics") as r:
+        metrics = await r.text()
+    assert f'renderfarm_queue_depth{{queue="{OPTIX_Q}"}} 0.0' in metrics  # route queues are measured
 
     token = await farm.agent_token("odd-1")
     bad = SimAgent(farm, "odd-1", token)
