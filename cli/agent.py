@@ -162,6 +162,9 @@ async def _serve(
     if options.kind == "docker" and options.gpus is None and caps["gpus"] and caps["backends"]:
         options = dataclasses.replace(options, gpus="all")  # the GPUs it advertises, in its containers
     executor = make_executor(options, blender)
+    image_blender = getattr(getattr(executor, "info", None), "version", "")
+    if image_blender:  # the render image's Blender, not this machine's
+        caps["blender"] = image_blender
     agent = NodeAgent(
         server,
         token,

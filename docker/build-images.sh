@@ -159,7 +159,8 @@ if wanted render; then
       ctx=$CACHE/ctx-render-blender
       rm -rf "$ctx" && mkdir -p "$ctx"
       cp -al "$RENDER_BLENDER_TARBALL" "$ctx/blender.tar.xz" 2>/dev/null || cp "$RENDER_BLENDER_TARBALL" "$ctx/blender.tar.xz"
-      build "$RENDER" "$hash" "$ctx" "$file" --build-arg "BASE_IMAGE=$BASE"
+      version=$(basename "$RENDER_BLENDER_TARBALL" | sed -n 's/^blender-\([0-9][0-9.]*[0-9]\)-.*/\1/p')
+      build "$RENDER" "$hash" "$ctx" "$file" --build-arg "BASE_IMAGE=$BASE" --build-arg "BLENDER_VERSION=$version"
     fi
   else
     file=$REPO/docker/render.Dockerfile

@@ -17,12 +17,14 @@ RUN mkdir /opt/blender \
  && /opt/blender/blender --version
 
 FROM ${BASE_IMAGE}
+ARG BLENDER_VERSION=
 RUN groupadd --gid 10001 renderfarm \
  && useradd --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin renderfarm
 COPY --from=unpack /opt/blender /opt/blender
 ENV HOME=/tmp
 LABEL renderfarm.blender=binary \
       renderfarm.blender.program=/opt/blender/blender \
+      renderfarm.blender.version=${BLENDER_VERSION} \
       renderfarm.python=/usr/bin/python3
 USER 10001:10001
 WORKDIR /tmp

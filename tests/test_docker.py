@@ -298,6 +298,7 @@ def test_container_spec(tmp_path, docker_client) -> None:
         tmp_dir=tmp_path / "elsewhere",
         labels={"task": "7", "Job ID": "j"},
     )
+    assert (ex.info.mode, ex.info.version) == ("module", "5.0.1")  # from the image's labels
     spec = ex.container_spec(run)
     create, host = spec["create"], spec["host_config"]
     assert host["network_mode"] == "none" and create["network_disabled"] is True

@@ -178,11 +178,14 @@ class ImageInfo:
             label ``renderfarm.blender``.
         program: that Python or Blender, a path in the image; ``renderfarm.blender.program``.
         python: a ``python3`` in the image that runs the guard; ``renderfarm.python``.
+        version: Blender's version (``"5.0.1"``), ``""`` when the image does not say;
+            ``renderfarm.blender.version``.
     """
 
     mode: str
     program: str
     python: str
+    version: str = ""
 
 
 def image_info(image: str, labels: Mapping[str, str] | None) -> ImageInfo:
@@ -201,7 +204,7 @@ def image_info(image: str, labels: Mapping[str, str] | None) -> ImageInfo:
             f"image {image} is not a renderfarm render image (labels renderfarm.blender=module|binary, "
             f"renderfarm.blender.program and renderfarm.python are needed); {BUILD_HINT}"
         )
-    return ImageInfo(mode, program, python)
+    return ImageInfo(mode, program, python, labels.get("renderfarm.blender.version", ""))
 
 
 def _default_memory_bytes() -> int:
@@ -548,14 +551,14 @@ class DockerExecutor:
         Raises:
             ValueError: a mounted path does not exist.
         """
-        for path in [run.script, *run.read_only, *run.writable]:
+        tmp = [run.tmp_dir] if run.tmp_dir is not None else []
+        for path in [*run.writable, *tmp]:
+            os.makedirs(path, exist_ok=True)
+            if os.getuid() == 0:
+                _chown_tree(path, CONTAINER_UID, CONTAINER_UID)
+        for path in [run.script, *run.read_only]:
             if not os.path.exists(path):
                 raise ValueError(f"{path} does not exist (it is to be mounted in the container)")
-        if os.getuid() == 0:
-            tmp = [run.tmp_dir] if run.tmp_dir is not None else []
-            for path in [*run.writable, *tmp]:
-                os.makedirs(path, exist_ok=True)
-                _chown_tree(path, CONTAINER_UID, CONTAINER_UID)
         if self.stage_dir is None:
             return None, os.path.abspath(run.script), str(GUARD)
         stage = Path(self.stage_dir).absolute() / uuid.uuid4().hex
