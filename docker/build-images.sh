@@ -181,9 +181,11 @@ fi
 # --- server and agent: renderfarm from wheels ------------------------------------------------
 if wanted server || wanted agent; then
   # the source tree the images install (what docker/Dockerfile's wheel is built from)
-  src_hash=$(tar -C "$REPO" --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner \
-    --exclude=__pycache__ --exclude='*.pyc' -cf - pyproject.toml README.md protocol server node_agent cli templates |
-    hash_of)
+  src_tar() {
+    tar -C "$REPO" --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner \
+      --exclude=__pycache__ --exclude='*.pyc' -cf - pyproject.toml README.md protocol server node_agent cli templates
+  }
+  src_hash=$(src_tar | hash_of)
   file=$REPO/docker/Dockerfile
   base_id=$(image_id "$BASE")
   server_hash=$( (cat "$file" && echo "server $base_id $src_hash") | hash_of)
@@ -196,7 +198,11 @@ if wanted server || wanted agent; then
     wheels=$CACHE/wheels-app
     rm -rf "$wheels" && mkdir -p "$wheels"
     say "pip wheel renderfarm (pure Python) ..."
-    "$PYTHON" -m pip wheel -q --no-deps -w "$wheels" "$REPO" || die "pip wheel of renderfarm failed"
+    # from a clean copy of the tree: an in-tree build/ could carry files deleted since
+    src=$CACHE/src
+    rm -rf "$src" && mkdir -p "$src" && src_tar | tar -C "$src" -xf -
+    "$PYTHON" -m pip wheel -q --no-deps -w "$wheels" "$src" || die "pip wheel of renderfarm failed"
+    rm -rf "$src"
     # Its dependencies are resolved by the base image's own Python: markers such as redis's
     # `python_full_version < "3.11.3"` depend on its exact version, which pip on this host
     # cannot stand in for. The container shares the host's network (to reach PyPI) only for
