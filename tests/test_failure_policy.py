@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from cli.main import main as cli_main
 from protocol.messages import TASK_QUEUE
 from server.config import Settings, load_settings
-from server.persistence.tables import AuditEntry, TaskFailure
+from server.persistence.tables import Agent, AuditEntry, TaskFailure, utcnow
 from tests.conftest import Farm
 from tests.simagents import (
     SimAgent,
@@ -133,10 +133,20 @@ async def test_a_task_fails_for_good_once_n_agents_failed_it(farm: Farm) -> None
 
 async def test_a_one_agent_farm_fails_a_task_at_once(farm: Farm) -> None:
     """No other agent could take it, so the task fails at once, without a backoff (as before
-    the policy); the job's other task still renders."""
+    the policy); the job's other task still renders. Agents of another pool, stopped ones and
+    ones not heard from for over an hour do not count."""
     policy(farm, retry_backoff_s=60.0, retry_backoff_max_s=60.0)
+    await SimAgent.start(farm, "blue-1", pool="blue")
+    retired = await SimAgent.start(farm, "retired")
+    status, _ = await retired.call("POST", "/api/agent/heartbeat", {"stopping": True})
+    assert status == 200
+    await SimAgent.start(farm, "unplugged")
+    async with farm.ctx.db.session() as s:
+        await s.execute(
+            update(Agent).where(Agent.name == "unplugged").values(last_seen_at=utcnow() - timedelta(hours=2))
+        )
+        await s.commit()
     a = await SimAgent.start(farm, "solo")
-    await SimAgent.start(farm, "blue-1", pool="blue")  # another pool's agent does not count
     job = await submit(farm, 2)
     first, second = await take(farm, TASK_QUEUE, 2)
     spec = (await a.claim(first))[1]

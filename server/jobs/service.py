@@ -51,6 +51,10 @@ IMAGE_MAGIC = {".png": b"\x89PNG\r\n\x1a\n", ".jpg": b"\xff\xd8\xff", ".exr": b"
 REDISPATCH_DELAY_S = 2.0
 """Seconds a task refused to an agent that failed it (or is blocklisted for its job) waits
 before it is dispatched again, so that another agent gets the message."""
+AGENT_GONE_S = 3600.0
+"""Seconds after its last heartbeat an agent no longer counts as one that may take a failed task
+(a machine taken out of the farm without stopping its agent); an agent that stopped cleanly
+(``offline``) never counts. The task would otherwise wait for it for ever."""
 WAITING_PREFIX = "waiting for an agent"
 """How the dispatcher's message on a job whose tasks no online agent may take begins."""
 
@@ -295,7 +299,8 @@ async def job_summary(ctx: FarmContext, job_id: str, session: AsyncSession | Non
     ).all()
     counts = {state: 0 for state in sm.TASK_STATES} | {state: n for state, n, _ in rows}
     fallback = sum(int(f or 0) for _, _, f in rows)
-    blocked = sorted(await blocklisted(session, job_id, ctx.settings.blocklist_after))
+    after = ctx.settings.blocklist_after
+    blocked = sorted(await blocklisted(session, job_id, after)) if 0 < after <= job.failures else []
     stored = await session.scalar(select(func.count()).select_from(Frame).where(Frame.job_id == job_id)) or 0
     return {
         "id": job.id,
@@ -433,6 +438,7 @@ async def claim_task(ctx: FarmContext, task_id: str, agent: str, registered: boo
                         Job.model_id,
                         Job.device,
                         Job.cpu_fallback,
+                        Job.failures,
                     ),
                     load_only(Model.id, Model.sha256, Model.kind, Model.main, Model.storage_key),
                 )
@@ -528,7 +534,7 @@ async def _refusal(
     if agent in (task.failed_agents or []):
         return f"agent {agent!r} already failed task {task.id}; it goes to another agent", REDISPATCH_DELAY_S
     after = ctx.settings.blocklist_after
-    if after > 0:
+    if 0 < after <= job.failures:  # else no agent has failed enough of the job's attempts
         failures = await s.scalar(
             select(func.count())
             .select_from(TaskFailure)
@@ -763,10 +769,11 @@ async def _fail_attempt(
     * The task goes back to the queue with ``not_before`` = now + the backoff
       (:meth:`server.config.Settings.retry_delay_s` of its failures so far), unless
       ``task_failure_agents`` different agents failed it, or no other eligible agent exists
-      (registered in the job's pool, offering its device, not blocklisted for the job, not
-      among those that failed the task): then it fails for good.
-    * The job fails at once, its other queued and running tasks canceled, when every
-      registered agent offering its device is blocklisted for it, or when more than
+      (registered in the job's pool and not stopped or gone for :data:`AGENT_GONE_S` seconds,
+      offering its device, not blocklisted for the job, not among those that failed the
+      task): then it fails for good.
+    * The job fails at once, its other queued and running tasks canceled, when every such
+      agent offering its device is blocklisted for it, or when more than
       ``max_failed_task_share`` of its tasks failed for good while some are still unfinished.
 
     Returns:
@@ -776,6 +783,12 @@ async def _fail_attempt(
     settings = ctx.settings
     agent = task.agent or ""
     s.add(TaskFailure(job_id=job.id, task_id=task.id, agent=agent, kind=kind, message=message[:4000], at=now))
+    await s.execute(
+        update(Job)
+        .where(Job.id == job.id)
+        .values(failures=Job.failures + 1)
+        .execution_options(synchronize_session="evaluate")
+    )
     failed = list(task.failed_agents or [])
     if agent and agent not in failed:
         failed.append(agent)
@@ -783,7 +796,15 @@ async def _fail_attempt(
     task.lease_id, task.lease_expires_at, task.current_frame = None, None, None
     await s.flush()
     blocked = await blocklisted(s, job.id, settings.blocklist_after)
-    registered = (await s.execute(select(Agent.name, Agent.route).where(Agent.pool == job.pool))).all()
+    registered = (
+        await s.execute(
+            select(Agent.name, Agent.route).where(
+                Agent.pool == job.pool,
+                Agent.state == "online",
+                Agent.last_seen_at >= now - timedelta(seconds=AGENT_GONE_S),
+            )
+        )
+    ).all()
     matching = sorted(n for n, r in registered if satisfies(job.device, route_backends(r or job.pool)))
     others = [n for n in matching if n not in blocked and n not in failed]
     where = f"agent {agent}" if agent else "an agent"

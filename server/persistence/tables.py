@@ -99,6 +99,9 @@ class Job(Base):
     """What it renders on (``protocol.devices.DEVICES``): ``any``, ``cpu``, ``gpu``, ``gpu:optix``..."""
     cpu_fallback: Mapped[bool] = mapped_column(Boolean, default=False)
     """Whether an attempt whose GPU devices fail may render on the CPU instead."""
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    """Failed attempts of its tasks so far (rows in ``task_failures``, cleared or not): while it is
+    below ``blocklist_after`` no agent can be blocklisted for the job, and nothing is looked up."""
     scene: Mapped[str | None] = mapped_column(String(255), nullable=True)
     overrides: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     message: Mapped[str] = mapped_column(Text, default="")

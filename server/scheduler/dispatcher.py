@@ -20,8 +20,8 @@ A dispatch marks the task (``dispatched_at``, ``route``) and writes its outbox r
 transaction; the relay then publishes the row (:mod:`server.scheduler.relay`). A route is
 refilled once a quarter of its window is free (:func:`refill_at`), so that a busy route
 costs one dispatch per few claims rather than one per claim. Each pass costs a fixed
-number of queries (jobs, online agents, in-flight counts, fair share, blocklists) plus
-one per job that gets slots.
+number of queries (jobs, online agents, in-flight counts, fair share, and the blocklists of
+jobs with at least ``blocklist_after`` failed attempts) plus one per job that gets slots.
 """
 
 from __future__ import annotations
@@ -117,7 +117,14 @@ async def dispatch_once(ctx: FarmContext) -> int:
                 select(Job)
                 .options(
                     load_only(
-                        Job.id, Job.pool, Job.priority, Job.owner, Job.created_at, Job.device, Job.message
+                        Job.id,
+                        Job.pool,
+                        Job.priority,
+                        Job.owner,
+                        Job.created_at,
+                        Job.device,
+                        Job.message,
+                        Job.failures,
                     )
                 )
                 .where(Job.state.in_([sm.QUEUED, sm.RUNNING]))
@@ -131,10 +138,11 @@ async def dispatch_once(ctx: FarmContext) -> int:
         routes = await online_routes(s, online_since(ctx), pools)
         agents_of = {r: names for pool_routes in routes.values() for r, names in pool_routes.items()}
         blocked: dict[str, set[str]] = defaultdict(set)
-        if after > 0:
+        failing = [j.id for j in jobs if 0 < after <= j.failures]  # jobs that may have a blocklist
+        if failing:
             rows = await s.execute(
                 select(TaskFailure.job_id, TaskFailure.agent)
-                .where(TaskFailure.job_id.in_([j.id for j in jobs]), TaskFailure.cleared_at.is_(None))
+                .where(TaskFailure.job_id.in_(failing), TaskFailure.cleared_at.is_(None))
                 .group_by(TaskFailure.job_id, TaskFailure.agent)
                 .having(func.count() >= after)
             )

@@ -4,7 +4,9 @@ Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-01
 
-* ``jobs.device`` (``any`` for existing rows) and ``jobs.cpu_fallback`` (false);
+* ``jobs.device`` (``any`` for existing rows), ``jobs.cpu_fallback`` (false) and
+  ``jobs.failures`` (0: failed attempts of its tasks, so that the blocklist is looked up only
+  for jobs that had enough);
 * ``tasks.route`` (the route a task was dispatched to; set to the pool for tasks waiting in
   the broker now, which is where they are), ``not_before`` (retry backoff),
   ``failed_agents`` (JSON list, NULL for none), ``failure_kind``, ``device_used``, ``fallback``;
@@ -69,6 +71,7 @@ def new_columns() -> dict[str, tuple[sa.Column, ...]]:
         "jobs": (
             sa.Column("device", sa.String(16), nullable=False, server_default="any"),
             sa.Column("cpu_fallback", sa.Boolean(), nullable=False, server_default=sa.false()),
+            sa.Column("failures", sa.Integer(), nullable=False, server_default="0"),
         ),
         "tasks": (
             sa.Column("route", sa.String(128), nullable=True),
