@@ -84,16 +84,6 @@ def _blender(code: str, *args: object) -> None:
     )
 
 
-async def _wait(client: FarmClient, job_id: str, timeout_s: float = 240) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = await client.job(job_id)
-        if job["state"] in ("completed", "failed", "canceled"):
-            return job
-        assert time.monotonic() < deadline, f"job still {job['state']}"
-        await asyncio.sleep(0.25)
-
-
 async def test_a_job_renders_in_containers_end_to_end(tmp_path: Path, sample_blend: Path) -> None:
     settings = farm_settings(tmp_path / "farm")
     async with (
@@ -223,7 +213,7 @@ async def test_a_hostile_blend_writes_nothing_outside_its_output_and_connects_no
         async with FarmClient(farm.url, token) as client:
             model = await client.upload_model(blend)
             job = await client.create_job(model_id=model["id"], frames="1-2", chunk_size=1)
-            done = await _wait(client, job["id"])
+            done = await asyncio.wait_for(client.wait(job["id"], poll_s=0.2), 240)
     assert done["state"] == "completed", done
     assert not marker_text.exists() and not marker_driver.exists()
     assert list(tmp_path.rglob("pwned*")) == [], "a file was written by the .blend's code"
@@ -259,7 +249,7 @@ async def test_a_render_past_its_memory_limit_fails_as_out_of_memory(tmp_path: P
         async with FarmClient(farm.url, token) as client:
             model = await client.upload_model(blend)
             job = await client.create_job(model_id=model["id"], frames="1", chunk_size=1)
-            done = await _wait(client, job["id"])
+            done = await asyncio.wait_for(client.wait(job["id"], poll_s=0.2), 240)
             [task] = await client.tasks(job["id"])
     assert done["state"] == "failed", done
     assert task["failure_kind"] == "oom", task

@@ -25,16 +25,6 @@ from tests.conftest import blender_pids, farm_settings
 pytestmark = pytest.mark.blender
 
 
-async def _wait_done(client: FarmClient, job_id: str, timeout_s: float = 180) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = await client.job(job_id)
-        if job["state"] in ("completed", "failed", "canceled"):
-            return job
-        assert time.monotonic() < deadline, f"job still {job['state']} after {timeout_s} s"
-        await asyncio.sleep(0.2)
-
-
 async def _frames_stored(ctx, job_id: str) -> list[int]:  # type: ignore[no-untyped-def]
     async with ctx.db.session() as s:
         return sorted((await s.scalars(select(Frame.frame).where(Frame.job_id == job_id))).all())
@@ -52,7 +42,7 @@ async def test_one_process_per_job_when_warm_one_per_task_when_not(
             job = await client.create_job(
                 model_id=model["id"], frames="1-4", chunk_size=1, samples=1, resolution_percentage=10
             )
-            done = await _wait_done(client, job["id"])
+            done = await asyncio.wait_for(client.wait(job["id"], poll_s=0.2), 240)
             assert done["state"] == "completed", done
             assert await _frames_stored(farm.ctx, job["id"]) == [1, 2, 3, 4]
             [agent] = farm.agents
@@ -64,7 +54,7 @@ async def test_one_process_per_job_when_warm_one_per_task_when_not(
             job2 = await client.create_job(
                 model_id=model["id"], frames="5", chunk_size=1, samples=1, resolution_percentage=10
             )
-            assert (await _wait_done(client, job2["id"]))["state"] == "completed"
+            assert (await asyncio.wait_for(client.wait(job2["id"], poll_s=0.2), 240))["state"] == "completed"
             assert agent.sessions_started == (2 if warm else 5)
 
 
@@ -89,7 +79,7 @@ async def test_a_warm_process_killed_mid_task_is_replaced_and_no_frame_is_lost_o
             pids = blender_pids(settings.data_dir)
             assert len(pids) == 1, pids
             os.kill(pids[0], signal.SIGKILL)
-            done = await _wait_done(client, job["id"])
+            done = await asyncio.wait_for(client.wait(job["id"], poll_s=0.2), 240)
             assert done["state"] == "completed", done
             assert await _frames_stored(farm.ctx, job["id"]) == [1, 2, 3, 4, 5, 6, 7, 8]
             tasks = sorted(await client.tasks(job["id"]), key=lambda t: t["index"])
