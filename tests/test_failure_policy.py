@@ -213,6 +213,11 @@ async def test_an_agent_is_blocklisted_after_m_failures_visible_and_clearable(fa
         ("success", "node-a", 2),
     ]
 
+    # a finished job has nothing left to render: clearing is refused, saying so
+    await farm.client.cancel(job["id"])
+    res = await cli(farm, "blocklist", job["id"], "--clear", "node-a")
+    assert res.exit_code != 0 and "has already finished (canceled)" in flat(res.stderr), res.output
+
 
 async def test_the_job_fails_when_no_eligible_agent_remains(
     both_backends: dict[str, Any],  # noqa: F811
@@ -313,3 +318,8 @@ def test_failure_policy_settings_are_validated(tmp_path: Path) -> None:
         30.0,
         1.0,
     )
+
+
+async def test_a_null_device_means_any(farm: Farm) -> None:
+    job = await submit(farm, 1, device=None)
+    assert job["device"] == "any"

@@ -44,12 +44,12 @@ class JobCreate(_Strict):
         pattern=r"^[a-z0-9][a-z0-9:_-]*$",
         description="the capability pool whose agents render it (agents start with --pool)",
     )
-    device: str = Field(
+    device: str | None = Field(
         DEFAULT_DEVICE,
         max_length=16,
         description=f"what it renders on, one of {', '.join(DEVICES)}: any (an agent's GPU if it has "
         "one, else its CPU), cpu, gpu (any GPU backend) or gpu:<backend>; its tasks go only to agents "
-        "offering it",
+        "offering it; null means any",
         examples=["any", "gpu:optix"],
     )
     cpu_fallback: StrictBool = Field(
@@ -58,7 +58,9 @@ class JobCreate(_Strict):
 
     @field_validator("device")
     @classmethod
-    def _device(cls, value: str) -> str:
+    def _device(cls, value: str | None) -> str:
+        if value is None:
+            return DEFAULT_DEVICE
         try:
             return check_device(value)
         except DeviceError as exc:

@@ -298,6 +298,10 @@ async def _candidates(
                 out.append((t, job, routes))
             else:
                 skipped += 1
+                failed = ", ".join(t.failed_agents or [])
+                waiting = f"{WAITING_PREFIX} that has not failed it (failed on {failed}); none is online now"
+                if t.message != waiting:
+                    t.message = waiting  # instead of "retrying on another agent in N s", now stale
         if not skipped or len(tasks) < need:
             break
         offset += len(tasks)
