@@ -60,6 +60,33 @@ class ExecutorOptions:
     gpus: str | list[str] | None = None
 
 
+def check_gpus(gpus: str | list[str] | None, caps: dict[str, Any], backends: list[str] | None) -> None:
+    """Refuse a ``--gpus`` choice this machine cannot honour.
+
+    Raises:
+        ValueError: GPUs are asked for (``all`` or ids) while none was detected, or with
+            ``--backends none``; or an id is neither the index nor the UUID of a detected GPU.
+    """
+    if gpus is None:
+        return
+    if backends == []:
+        raise ValueError("--gpus gives the containers GPUs, but --backends none advertises none")
+    found = caps.get("gpus") or []
+    if not found:
+        raise ValueError(
+            "--gpus asks for NVIDIA GPUs, but none was detected here (NVML / nvidia-smi); "
+            "leave --gpus out for CPU rendering"
+        )
+    if isinstance(gpus, list):
+        known = {str(g.get("index")) for g in found} | {str(g.get("uuid")) for g in found if g.get("uuid")}
+        unknown = [g for g in gpus if g not in known]
+        if unknown:
+            raise ValueError(
+                f"--gpus {','.join(unknown)}: no such GPU here; the detected ones are "
+                + ", ".join(f"{g.get('index')} ({g.get('name')})" for g in found)
+            )
+
+
 def make_executor(options: ExecutorOptions, blender: str | None) -> Executor:
     """The executor ``options`` ask for.
 
@@ -120,6 +147,7 @@ async def run_agent(
     assert me is not None
     for sig in (signal.SIGINT, signal.SIGTERM):  # from the start: also while registering
         loop.add_signal_handler(sig, me.cancel)
+    known: dict[str, str] = {}  # the name the server knows the agent by, once registered
     try:
         name = await _serve(
             server,
@@ -135,10 +163,11 @@ async def run_agent(
             executor or ExecutorOptions(),
             warm,
             backends,
+            known,
         )
     except asyncio.CancelledError:
-        pass
-    console.print(f"agent {name or ''} stopped")
+        name = known.get("name") or name
+    console.print(f"agent {name} stopped" if name else "agent stopped", highlight=False)
 
 
 async def _serve(
@@ -155,10 +184,12 @@ async def _serve(
     executor_options: ExecutorOptions | None = None,
     warm: bool = True,
     backends: list[str] | None = None,
+    known: dict[str, str] | None = None,
 ) -> str:
     work = work_dir or DEFAULT_DATA_DIR / "agent"  # replaced by agent-<name> once the name is known
     options = executor_options or ExecutorOptions()
     caps = detect(blender, tags, backends)
+    check_gpus(options.gpus, caps, backends)
     if options.kind == "docker" and options.gpus is None and caps["gpus"] and caps["backends"]:
         options = dataclasses.replace(options, gpus="all")  # the GPUs it advertises, in its containers
     executor = make_executor(options, blender)
@@ -187,22 +218,28 @@ async def _serve(
         finally:
             agent._http = None
     name = agent.name
+    if known is not None:
+        known["name"] = name
     if work_dir is None:
         agent.work_dir = DEFAULT_DATA_DIR / f"agent-{name}"
         agent.inputs = InputCache(agent.work_dir / "inputs", max_bytes=agent.inputs.max_bytes)
-    await _prepare_executor(executor, agent.work_dir, name, console)
-    url = broker_url or reg.get("broker_url")
-    if not url:
-        raise ValueError(
-            f"the server at {server} uses the in-process broker (memory://), which agents in other "
-            "processes cannot reach; start it with --broker-url amqp://... (RabbitMQ)"
-        )
-    broker = open_broker(url)
     try:
-        await asyncio.wait_for(broker.check(), 30)
-    except Exception as exc:
-        await broker.close()
-        raise ValueError(f"broker {redact_url(url)} is not usable: {exc}") from exc
+        await _prepare_executor(executor, agent.work_dir, name, console)
+        url = broker_url or reg.get("broker_url")
+        if not url:
+            raise ValueError(
+                f"the server at {server} uses the in-process broker (memory://), which agents in other "
+                "processes cannot reach; start it with --broker-url amqp://... (RabbitMQ)"
+            )
+        broker = open_broker(url)
+        try:
+            await asyncio.wait_for(broker.check(), 30)
+        except Exception as exc:
+            await broker.close()
+            raise ValueError(f"broker {redact_url(url)} is not usable: {exc}") from exc
+    except BaseException:
+        await _sign_off(agent, token)  # registered, but taking nothing: not to be counted online
+        raise
     agent.broker = broker
     console.print(
         f"agent {name} registered with {server} (pool {pool}, {caps['cpu_cores']} cores, "
@@ -214,6 +251,19 @@ async def _serve(
     finally:
         await broker.close()
     return name
+
+
+async def _sign_off(agent: NodeAgent, token: str) -> None:
+    """Tell the server the agent went offline (it registered, then could not start), so that no
+    task is routed to it and its next start is not kept waiting; errors are ignored."""
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
+        agent._http = http
+        try:
+            await asyncio.wait_for(agent._beat(stopping=True), 10)
+        except Exception:  # noqa: S110 (best effort: the server forgets it after the online window)
+            pass
+        finally:
+            agent._http = None
 
 
 async def _prepare_executor(executor: Executor, work_dir: Path, name: str, console: Any) -> None:

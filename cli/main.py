@@ -427,7 +427,8 @@ def agent(
     docker_only = {"--image": image, "--memory": memory, "--cpus": cpus, "--pids": pids, "--gpus": gpus}
     given = [flag for flag, value in docker_only.items() if value is not None]
     if executor_kind != "docker" and given:
-        raise click.UsageError(f"{', '.join(given)} apply only to --executor docker")
+        verb = "applies" if len(given) == 1 else "apply"
+        raise click.UsageError(f"{', '.join(given)} {verb} only to --executor docker")
     memory_bytes = None
     if memory is not None:
         try:
@@ -451,8 +452,14 @@ def agent(
     if backends is not None:
         from protocol.devices import BACKENDS
 
-        backend_list = [b.strip().upper() for b in backends.split(",") if b.strip()]
-        if backend_list == ["NONE"]:
+        backend_list = [b.strip().upper() for b in backends.split(",")]
+        if "" in backend_list:
+            raise click.BadParameter(
+                f"{backends!r} has an empty item; give e.g. OPTIX,CUDA or none", param_hint="--backends"
+            )
+        if "NONE" in backend_list:
+            if len(backend_list) > 1:
+                raise click.BadParameter("none cannot be combined with backends", param_hint="--backends")
             backend_list = []
         unknown = [b for b in backend_list if b not in BACKENDS]
         if unknown:
@@ -660,6 +667,7 @@ async def _follow(c: FarmClient, job_id: str, download: Path | None) -> int:
     try:
         with _progress() as p:
             t = p.add_task("render", total=None)
+            said = {"message": ""}
 
             def update(j: dict[str, Any]) -> None:
                 p.update(
@@ -668,6 +676,11 @@ async def _follow(c: FarmClient, job_id: str, download: Path | None) -> int:
                     completed=j["frames_done"],
                     description=f"render [{j['state']}]",
                 )
+                message = j.get("message") or ""
+                if message != said["message"] and j["state"] not in ("completed", "failed", "canceled"):
+                    said["message"] = message
+                    if message:  # e.g. why it waits: no agent offers its device
+                        p.console.print(escape(f"job {job_id}: {message}"), highlight=False)
 
             final = await c.wait(job_id, update)
         if final["state"] != "completed":

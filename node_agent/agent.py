@@ -656,11 +656,14 @@ def _describe(outcome: RunOutcome, attempt: _Attempt) -> str:
             report = " (its crash report is in the log)" if attempt.crashed else ""
             parts.append(f"Blender crashed ({_signal_name(-outcome.exit_code)}){report}")
         elif outcome.exit_code < 0:
-            parts.append(f"Blender was killed by {_signal_name(-outcome.exit_code)} (possibly out of memory)")
+            # a container's memory limit shows as oom_killed; only a local process's SIGKILL may
+            # have come from the kernel's OOM killer without our knowing
+            maybe = "" if outcome.oom_known else " (possibly out of memory)"
+            parts.append(f"Blender was killed by {_signal_name(-outcome.exit_code)}{maybe}")
         else:
             parts.append(f"Blender exited with code {outcome.exit_code}")
     if attempt.errors:
         parts.append("; ".join(attempt.errors[:5]))
-    if missing and (parts or outcome.ok):
+    if missing and (outcome.ok or (parts and outcome.reason != "spawn_failed")):
         parts.append(f"frames missing: {format_frames(missing)}")
     return "; ".join(parts)

@@ -41,10 +41,11 @@ def _nvml_gpus() -> list[dict[str, Any]] | None:
             gpus.append(
                 {
                     "index": i,
-                    "name": name.decode() if isinstance(name, bytes) else str(name),
+                    "name": _text(name),
                     "memory_bytes": int(pynvml.nvmlDeviceGetMemoryInfo(handle).total),
                     "compute_capability": f"{major}.{minor}",
                     "driver": driver,
+                    "uuid": _text(pynvml.nvmlDeviceGetUUID(handle)),
                 }
             )
         return gpus
@@ -55,12 +56,16 @@ def _nvml_gpus() -> list[dict[str, Any]] | None:
             pynvml.nvmlShutdown()
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _smi_gpus(timeout_s: float) -> list[dict[str, Any]]:
     """NVIDIA GPUs through ``nvidia-smi``; empty when it is absent or fails."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return []
-    query = "index,name,memory.total,compute_cap,driver_version"
+    query = "index,name,memory.total,compute_cap,driver_version,uuid"
     try:
         out = subprocess.run(
             [exe, f"--query-gpu={query}", "--format=csv,noheader,nounits"],
@@ -75,12 +80,13 @@ def _smi_gpus(timeout_s: float) -> list[dict[str, Any]]:
 
 
 def parse_smi(out: str) -> list[dict[str, Any]]:
-    """Parse ``nvidia-smi --query-gpu=index,name,memory.total,compute_cap,driver_version
-    --format=csv,noheader,nounits`` output (memory in MiB) into GPU dicts."""
+    """Parse ``nvidia-smi --query-gpu=index,name,memory.total,compute_cap,driver_version,uuid
+    --format=csv,noheader,nounits`` output (memory in MiB) into GPU dicts (the uuid column may
+    be missing)."""
     gpus = []
     for line in out.splitlines():
         parts = [p.strip() for p in line.split(",")]
-        if len(parts) != 5 or not parts[0].isdigit():
+        if len(parts) not in (5, 6) or not parts[0].isdigit():
             continue
         mib = int(parts[2]) if parts[2].isdigit() else 0
         gpus.append(
@@ -90,6 +96,7 @@ def parse_smi(out: str) -> list[dict[str, Any]]:
                 "memory_bytes": mib << 20,
                 "compute_capability": parts[3],
                 "driver": parts[4],
+                **({"uuid": parts[5]} if len(parts) == 6 and parts[5] else {}),
             }
         )
     return gpus
@@ -97,8 +104,8 @@ def parse_smi(out: str) -> list[dict[str, Any]]:
 
 def detect_gpus(timeout_s: float = 5.0) -> list[dict[str, Any]]:
     """NVIDIA GPUs as ``[{"index": int, "name": str, "memory_bytes": int, "compute_capability":
-    "8.9", "driver": "550.54.14"}]``: through NVML when ``nvidia-ml-py`` is installed and a driver
-    answers, else through ``nvidia-smi``; empty without a GPU or driver."""
+    "8.9", "driver": "550.54.14", "uuid": "GPU-..."}]``: through NVML when ``nvidia-ml-py`` is
+    installed and a driver answers, else through ``nvidia-smi``; empty without a GPU or driver."""
     gpus = _nvml_gpus()
     return gpus if gpus is not None else _smi_gpus(timeout_s)
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from node_agent.executor.base import BlenderRun, Executor, RunOutcome
+from node_agent.executor.base import BlenderRun, Executor, RunOutcome, watch_run
 from node_agent.logparse import parse_line
 from protocol.messages import RenderParams
 from templates import template_path
@@ -255,31 +255,18 @@ class BlenderSession:
         """Wait for the task's end: ``done``, ``error``, ``ended`` (process gone), ``timeout``,
         ``stalled`` or ``canceled``."""
         assert self._runner is not None
-        done = asyncio.create_task(watch.done.wait())
-        canceled = asyncio.create_task(cancel.wait())
+        done = asyncio.ensure_future(watch.done.wait())
+        ended = asyncio.ensure_future(asyncio.wait([done, self._runner], return_when=asyncio.FIRST_COMPLETED))
         try:
-            while True:
-                if watch.done.is_set():
-                    return "done" if watch.ok else "error"
-                if self._runner.done():
-                    return "ended"
-                if cancel.is_set():
-                    return "canceled"
-                now = time.monotonic()
-                deadline_left = started + timeout_s - now
-                if deadline_left <= 0:
-                    return "timeout"
-                stall_left = self._last_output + stall_s - now
-                if stall_left <= 0:
-                    return "stalled"
-                await asyncio.wait(
-                    [done, canceled, self._runner],
-                    timeout=min(deadline_left, stall_left),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
+            reason = await watch_run(ended, started, timeout_s, stall_s, lambda: self._last_output, cancel)
         finally:
+            ended.cancel()
             done.cancel()
-            canceled.cancel()
+        if reason != "exited":
+            return reason
+        if watch.done.is_set():
+            return "done" if watch.ok else "error"
+        return "ended"
 
     def _command(self, body: dict) -> None:
         """Write the next command file whole (a temp file renamed into place)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cli.agent import check_gpus
 from node_agent.capabilities import detect, nvidia_backends, parse_smi
 from protocol.devices import cycles_device, route_key, satisfies
 
@@ -21,7 +22,7 @@ def fake_smi(folder: Path, output: str, monkeypatch: pytest.MonkeyPatch) -> None
     exe = folder / "nvidia-smi"
     exe.write_text(
         "#!/bin/sh\n"
-        'case "$*" in *--query-gpu=index,name,memory.total,compute_cap,driver_version*) ;; '
+        'case "$*" in *--query-gpu=index,name,memory.total,compute_cap,driver_version,uuid*) ;; '
         "*) exit 9;; esac\n"
         f"cat <<'OUT'\n{output}OUT\n"
     )
@@ -38,12 +39,14 @@ def test_no_gpu_here_means_cpu_only() -> None:
 def test_nvidia_gpus_are_detected_through_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake_smi(
         tmp_path,
-        "0, NVIDIA H200, 143771, 9.0, 570.86.15\n1, NVIDIA RTX A4000, 16376, 8.6, 570.86.15\n",
+        "0, NVIDIA H200, 143771, 9.0, 570.86.15, GPU-1b2c\n"
+        "1, NVIDIA RTX A4000, 16376, 8.6, 570.86.15, GPU-9f0e\n",
         monkeypatch,
     )
     caps = detect()
     assert [g["name"] for g in caps["gpus"]] == ["NVIDIA H200", "NVIDIA RTX A4000"]
     assert caps["gpus"][0]["memory_bytes"] == 143771 << 20
+    assert [g["uuid"] for g in caps["gpus"]] == ["GPU-1b2c", "GPU-9f0e"]
     assert caps["backends"] == ["OPTIX", "CUDA"]
     assert route_key("default", caps["backends"]) == "default.gpu-optix-cuda"
     assert cycles_device("gpu", caps["backends"]) == "OPTIX"
@@ -88,3 +91,46 @@ def test_backends_named_by_hand_override_detection(tmp_path: Path, monkeypatch: 
 )
 def test_which_agents_satisfy_which_devices(device: str, backends: list[str], ok: bool) -> None:
     assert satisfies(device, backends) is ok
+
+
+def test_the_gpus_option_must_name_gpus_that_are_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    no_gpu = detect()
+    with pytest.raises(ValueError, match="none was detected here"):
+        check_gpus("all", no_gpu, None)
+    with pytest.raises(ValueError, match="none was detected here"):
+        check_gpus(["0"], no_gpu, None)
+    check_gpus(None, no_gpu, None)  # no --gpus: fine anywhere
+    fake_smi(tmp_path, "0, NVIDIA H200, 143771, 9.0, 570.86.15, GPU-1b2c\n", monkeypatch)
+    one = detect()
+    check_gpus("all", one, None)
+    check_gpus(["0"], one, None)
+    check_gpus(["GPU-1b2c"], one, None)
+    with pytest.raises(
+        ValueError, match=r"--gpus 7: no such GPU here; the detected ones are 0 \(NVIDIA H200\)"
+    ):
+        check_gpus(["7"], one, None)
+    with pytest.raises(ValueError, match="--backends none advertises none"):
+        check_gpus("all", one, [])
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("OPTIX,,CUDA", "has an empty item"),
+        (",", "has an empty item"),
+        ("none,OPTIX", "none cannot be combined with backends"),
+        ("bogus", "unknown backend(s) BOGUS"),
+    ],
+)
+def test_bad_backends_are_refused_before_anything_starts(value: str, says: str) -> None:
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    res = CliRunner().invoke(
+        main, ["agent", "--server", "http://127.0.0.1:9", "--token", "t", "--backends", value]
+    )
+    assert res.exit_code == 2, res.output
+    assert says in " ".join(res.output.split())

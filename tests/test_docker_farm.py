@@ -307,3 +307,10 @@ def test_an_agent_sigkilled_mid_frame_leaves_no_container_and_the_job_completes_
             time.sleep(0.3)
     finally:
         executor.close()
+
+
+def test_limits_the_docker_host_cannot_give_are_refused_at_start() -> None:
+    with pytest.raises(ValueError, match=r"--cpus 100000 is more than the \d+ CPUs of this Docker host"):
+        DockerExecutor(cpus=100_000, memory_bytes=512 * MiB)
+    with pytest.raises(ValueError, match=r"memory limit \d+ MiB is more than the \d+ MiB of this Docker"):
+        DockerExecutor(memory_bytes=1 << 50)

@@ -433,3 +433,30 @@ def test_agent_refuses_a_server_with_the_in_process_broker(
     out = res.stdout + res.stderr
     assert res.returncode == 2, out  # a name other than its token's
     assert "far-1" in out and "far-2" in out and "Traceback" not in out
+
+
+@pytest.mark.agents(0)
+async def test_an_agent_that_cannot_start_after_registering_signs_off(farm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The in-process farm's broker cannot be reached from another process: the agent registers,
+    fails, and must not stay listed online (nor be routed tasks)."""
+    from rich.console import Console
+
+    from cli.agent import run_agent
+
+    token = await farm.agent_token("ghost")
+    with pytest.raises(ValueError, match="in-process broker"):
+        await run_agent(
+            farm.url,
+            token,
+            None,
+            None,
+            "default",
+            [],
+            tmp_path / "ghost",
+            None,
+            Console(quiet=True),
+            backends=["OPTIX"],
+        )
+    agents = await farm.client.agents()
+    [ghost] = [a for a in agents if a["name"] == "ghost"]
+    assert ghost["online"] is False, ghost

@@ -8,10 +8,11 @@ caller reads the events and the manifest for that.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 LOG_TAIL_LINES = 50
 """How many of the last output lines a :class:`RunOutcome` keeps."""
@@ -85,6 +86,9 @@ class RunOutcome:
     log_tail: list[str]
     duration_s: float
     oom_killed: bool = False
+    oom_known: bool = False
+    """Whether ``oom_killed`` is known for sure (a container's state says it) rather than
+    merely False (a local process, which the kernel's OOM killer ends with SIGKILL unnoticed)."""
 
     @property
     def ok(self) -> bool:
@@ -109,3 +113,49 @@ class Executor(Protocol):
         in the outcome.
         """
         ...
+
+
+async def watch_run(
+    ended: asyncio.Future[Any],
+    started: float,
+    timeout_s: float,
+    stall_timeout_s: float,
+    last_output: Callable[[], float],
+    cancel: asyncio.Event | None = None,
+) -> str:
+    """Wait until a run ends by itself or must be stopped, and say which.
+
+    Args:
+        ended: done when the run has ended by itself (its process or container exited).
+        started: when the run started, a ``time.monotonic()`` value.
+        timeout_s: hard limit on the run, in seconds from ``started``.
+        stall_timeout_s: the run must be stopped after this many seconds without output.
+        last_output: returns the ``time.monotonic()`` value of the run's last output.
+        cancel: when set, the run must be stopped.
+
+    Returns:
+        ``"exited"`` (``ended`` is done), ``"canceled"``, ``"timeout"`` or ``"stalled"``; the
+        caller stops the run for the last three. Checked in that order, so a run that ended
+        counts as ended even if a limit passed meanwhile.
+    """
+    canceled = asyncio.ensure_future(cancel.wait()) if cancel is not None else None
+    try:
+        while True:
+            if ended.done():
+                return "exited"
+            if cancel is not None and cancel.is_set():
+                return "canceled"
+            now = time.monotonic()
+            deadline_left = started + timeout_s - now
+            if deadline_left <= 0:
+                return "timeout"
+            stall_left = last_output() + stall_timeout_s - now
+            if stall_left <= 0:
+                return "stalled"
+            watch: list[asyncio.Future[Any]] = [ended] if canceled is None else [ended, canceled]
+            await asyncio.wait(
+                watch, timeout=min(deadline_left, stall_left), return_when=asyncio.FIRST_COMPLETED
+            )
+    finally:
+        if canceled is not None:
+            canceled.cancel()

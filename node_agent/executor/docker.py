@@ -38,7 +38,7 @@ import docker.errors
 from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 from docker.utils.socket import frames_iter
 
-from node_agent.executor.base import LOG_TAIL_LINES, BlenderNotFound, BlenderRun, RunOutcome
+from node_agent.executor.base import LOG_TAIL_LINES, BlenderNotFound, BlenderRun, RunOutcome, watch_run
 from node_agent.executor.local import _is_secret, blender_argv
 from node_agent.logparse import LineSplitter
 
@@ -58,6 +58,9 @@ LABEL_PREFIX = "renderfarm."
 
 CONTAINER_UID = 10001
 """User and group id of the renders of an agent that runs as root (the render image's ``renderfarm``)."""
+
+MIN_USEFUL_MEMORY = 512 << 20
+"""Below this container memory limit (bytes) the agent warns: bpy 5.0.1 alone takes about 270 MiB."""
 
 DEFAULT_PIDS = 512
 """Default limit on processes and threads in a container (Blender starts one thread per core)."""
@@ -294,8 +297,33 @@ class DockerExecutor:
             raise ExecutorUnavailable(f"render image {image} not found in Docker; {BUILD_HINT}") from None
         except docker.errors.DockerException as exc:
             raise ExecutorUnavailable(f"cannot inspect render image {image}: {exc}") from None
+        self._check_limits()
         self.info = image_info(image, (attrs.get("Config") or {}).get("Labels"))
         self.image_id: str = attrs["Id"]
+
+    def _check_limits(self) -> None:
+        """Refuse limits this Docker host cannot give (Docker would refuse every container).
+
+        Raises:
+            ValueError: more CPUs or memory than the Docker host has.
+        """
+        try:
+            info = self.client.info()
+        except docker.errors.DockerException:
+            return
+        ncpu, total = int(info.get("NCPU") or 0), int(info.get("MemTotal") or 0)
+        if self.cpus is not None and ncpu and self.cpus > ncpu:
+            raise ValueError(f"--cpus {self.cpus:g} is more than the {ncpu} CPUs of this Docker host")
+        if total and self.memory_bytes > total:
+            raise ValueError(
+                f"memory limit {self.memory_bytes >> 20} MiB is more than the {total >> 20} MiB "
+                "of this Docker host"
+            )
+        if self.memory_bytes < MIN_USEFUL_MEMORY:
+            log.warning(
+                "memory limit %d MiB: Blender alone needs about 300 MiB, so renders will run out of memory",
+                self.memory_bytes >> 20,
+            )
 
     # ----------------------------------------------------------------- container spec
     def user(self) -> str:
@@ -420,7 +448,7 @@ class DockerExecutor:
                 await asyncio.to_thread(api.start, cid)
             except (docker.errors.DockerException, OSError, ValueError) as exc:
                 await self._cleanup(cid, sock, stage)
-                return failed(f"cannot start a container of {self.image}: {exc}")
+                return failed(f"cannot start a container of {self.image}: {_docker_reason(exc)}")
         except BaseException:
             await asyncio.shield(asyncio.ensure_future(self._cleanup(cid, sock, stage)))
             raise
@@ -447,33 +475,13 @@ class DockerExecutor:
 
         reader = _in_thread(loop, lambda: _read_frames(sock, loop, deliver, touch), f"docker-out-{cid[:12]}")
         waiter = _in_thread(loop, lambda: api.wait(cid, timeout=None), f"docker-wait-{cid[:12]}")
-        canceled = asyncio.ensure_future(cancel.wait()) if cancel is not None else None
         reason: str | None = None
         state: dict[str, Any] = {}
         try:
-            while True:
-                now = time.monotonic()
-                if waiter.done():
-                    reason = "exited"
-                    break
-                if cancel is not None and cancel.is_set():
-                    reason = "canceled"
-                    break
-                deadline_left = started + run.timeout_s - now
-                if deadline_left <= 0:
-                    reason = "timeout"
-                    break
-                stall_left = last_output + run.stall_timeout_s - now
-                if stall_left <= 0:
-                    reason = "stalled"
-                    break
-                watch: list[asyncio.Future[Any]] = [waiter] if canceled is None else [waiter, canceled]
-                await asyncio.wait(
-                    watch, timeout=min(deadline_left, stall_left), return_when=asyncio.FIRST_COMPLETED
-                )
+            reason = await watch_run(
+                waiter, started, run.timeout_s, run.stall_timeout_s, lambda: last_output, cancel
+            )
         finally:
-            if canceled is not None:
-                canceled.cancel()
             finish = asyncio.ensure_future(self._finish(cid, reason, waiter, reader, sock, stage, state))
             await asyncio.shield(finish)
         if callback_errors > 1:
@@ -484,7 +492,12 @@ class DockerExecutor:
         if reason == "exited" and isinstance(code, int):
             exit_code = -(code - 128) if 128 < code <= 128 + 64 else code
         return RunOutcome(
-            exit_code, reason, list(tail), time.monotonic() - started, bool(state.get("oom_killed"))
+            exit_code,
+            reason,
+            list(tail),
+            time.monotonic() - started,
+            bool(state.get("oom_killed")),
+            oom_known="oom_killed" in state,
         )
 
     async def _finish(
@@ -609,6 +622,15 @@ class DockerExecutor:
     def close(self) -> None:
         """Close the connection pool of the Docker client."""
         self.client.close()
+
+
+def _docker_reason(exc: BaseException) -> str:
+    """What the Docker daemon said (``explanation`` of an APIError), without the request URL."""
+    explanation = getattr(exc, "explanation", None)
+    if explanation:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        return f"{explanation} (Docker {status})" if status else str(explanation)
+    return str(exc)
 
 
 def _chown_tree(top: str | os.PathLike[str], uid: int, gid: int) -> None:

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from node_agent.executor.base import LOG_TAIL_LINES, BlenderNotFound, BlenderRun, RunOutcome
+from node_agent.executor.base import LOG_TAIL_LINES, BlenderNotFound, BlenderRun, RunOutcome, watch_run
 from node_agent.logparse import LineSplitter
 
 log = logging.getLogger(__name__)
@@ -265,37 +265,17 @@ class LocalExecutor:
 
         reader = asyncio.create_task(read_output())
         waiter = asyncio.create_task(proc.wait())
-        canceled = asyncio.create_task(cancel.wait()) if cancel is not None else None
         reason: str | None = None
         try:
-            while True:
-                now = time.monotonic()
-                if waiter.done():
-                    reason = "exited"
-                    break
-                if cancel is not None and cancel.is_set():
-                    reason = "canceled"
-                    break
-                deadline_left = started + run.timeout_s - now
-                if deadline_left <= 0:
-                    reason = "timeout"
-                    break
-                stall_left = last_output + run.stall_timeout_s - now
-                if stall_left <= 0:
-                    reason = "stalled"
-                    break
-                watch = [waiter] if canceled is None else [waiter, canceled]
-                await asyncio.wait(
-                    watch, timeout=min(deadline_left, stall_left), return_when=asyncio.FIRST_COMPLETED
-                )
+            reason = await watch_run(
+                waiter, started, run.timeout_s, run.stall_timeout_s, lambda: last_output, cancel
+            )
         finally:
             if reason != "exited":
                 log.info("stopping Blender (pid %d): %s", proc.pid, reason or "run interrupted")
                 await self._stop(proc, waiter)
             _signal_all(proc, signal.SIGKILL)  # whatever the process left behind
             await asyncio.shield(waiter)
-            if canceled is not None:
-                canceled.cancel()
             try:
                 await asyncio.wait_for(asyncio.shield(reader), DRAIN_S)
             except TimeoutError:
