@@ -569,7 +569,8 @@ def test_cli_agent_executor_options(tmp_path) -> None:
         (["--executor", "docker", "--cpus", "0"], "--cpus"),
         (["--executor", "docker", "--pids", "2"], "--pids"),
         (["--executor", "docker", "--gpus", "0,,1"], "bad GPU id"),
-        (["--image", "x"], "--image apply only to --executor docker"),
+        (["--image", "x"], "--image applies only to --executor docker"),
+        (["--image", "x", "--memory", "1g"], "--image, --memory apply only to --executor docker"),
         (["--executor", "docker", "--blender", "/b"], "--blender applies only to --executor local"),
     ]:
         result = agent(*args)
