@@ -323,3 +323,38 @@ def test_failure_policy_settings_are_validated(tmp_path: Path) -> None:
 async def test_a_null_device_means_any(farm: Farm) -> None:
     job = await submit(farm, 1, device=None)
     assert job["device"] == "any"
+
+
+async def test_many_attempts_of_one_job_failing_at_once_on_mariadb(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """12 agents report failures of one job's tasks concurrently: every report is answered
+    (the job's row is locked before the failure row's foreign key check, so they queue
+    instead of deadlocking), and each failure is recorded once."""
+    from tests.production import production_backends
+
+    with production_backends(request) as backends:
+        async with farm_on(
+            tmp_path, backends, task_failure_agents=1, blocklist_after=0, max_failed_task_share=1.0
+        ) as farm:
+            agents = [await SimAgent.start(farm, f"n{i}") for i in range(12)]
+            job = await submit(farm, 120)
+            tids = [t.id for t in await task_rows(farm, job["id"])]
+            answers: list[int] = []
+
+            async def work(agent: SimAgent, mine: list[str]) -> None:
+                for tid in mine:
+                    status, spec = await agent.claim(tid)
+                    assert status == 200, spec
+                    status, body = await agent.call(
+                        "POST",
+                        f"/api/agent/tasks/{tid}/result",
+                        {"lease_id": spec["lease_id"], "status": "failed", "message": "broken"},
+                    )
+                    answers.append(status)
+                    assert status == 200, body
+
+            await asyncio.gather(*(work(a, tids[i :: len(agents)]) for i, a in enumerate(agents)))
+            assert answers == [200] * 120
+            assert len(await failures(farm, job["id"])) == 120
+            assert (await farm.client.job(job["id"]))["state"] == "failed"

@@ -103,13 +103,16 @@ async def fail_attempt(
     """
     settings = ctx.settings
     agent = task.agent or ""
-    s.add(TaskFailure(job_id=job.id, task_id=task.id, agent=agent, kind=kind, message=message[:4000], at=now))
+    # The job's row first: its exclusive lock orders concurrent failures of one job. Inserting
+    # the failure first would take a shared lock on it (the foreign key check, InnoDB), and two
+    # attempts failing at once would then deadlock upgrading those to update the counter.
     await s.execute(
         update(Job)
         .where(Job.id == job.id)
         .values(failures=Job.failures + 1)
         .execution_options(synchronize_session="evaluate")
     )
+    s.add(TaskFailure(job_id=job.id, task_id=task.id, agent=agent, kind=kind, message=message[:4000], at=now))
     failed = list(task.failed_agents or [])
     if agent and agent not in failed:
         failed.append(agent)
