@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,16 +139,17 @@ async def make_sample_scene(path: Path, blender: str | None = None) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RuntimeError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    outcome = await LocalExecutor(blender).run(
-        BlenderRun(
-            script=template_path("sample_scene.py"),
-            args=[str(path)],
-            cwd=path.parent,
-            timeout_s=300,
-            stall_timeout_s=120,
-        ),
-        on_line=lambda _line: None,
-    )
+    with tempfile.TemporaryDirectory(prefix="renderfarm-sample-") as home:  # Blender's HOME: its
+        outcome = await LocalExecutor(blender).run(  # .config and .cache stay out of the user's folder
+            BlenderRun(
+                script=template_path("sample_scene.py"),
+                args=[str(path)],
+                cwd=Path(home),
+                timeout_s=300,
+                stall_timeout_s=120,
+            ),
+            on_line=lambda _line: None,
+        )
     if not outcome.ok or not path.is_file():
         why = f"Blender {outcome.reason}" + (f" with code {outcome.exit_code}" if outcome.exit_code else "")
         if outcome.ok:

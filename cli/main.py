@@ -467,8 +467,13 @@ def agent(
                 f"unknown backend(s) {', '.join(unknown)}; known: {', '.join(BACKENDS)} or none",
                 param_hint="--backends",
             )
-    if gpus is not None and gpu_ids is None and backend_list is None:
-        backend_list = []  # --gpus none: the containers get no GPU, so advertise none
+    if gpus is not None and gpu_ids is None:  # --gpus none: the containers get no GPU
+        if backend_list:
+            raise click.UsageError(
+                "--gpus none gives the containers no GPU, so they cannot render with "
+                + ", ".join(backend_list)
+            )
+        backend_list = []  # so advertise none
 
     try:
         asyncio.run(

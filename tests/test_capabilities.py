@@ -134,3 +134,16 @@ def test_bad_backends_are_refused_before_anything_starts(value: str, says: str) 
     )
     assert res.exit_code == 2, res.output
     assert says in " ".join(res.output.split())
+
+
+def test_no_gpus_for_the_containers_means_no_backend_to_advertise() -> None:
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    args = ["agent", "--server", "http://127.0.0.1:9", "--token", "t", "--executor", "docker"]
+    res = CliRunner().invoke(main, [*args, "--gpus", "none", "--backends", "OPTIX"])
+    assert res.exit_code == 2, res.output
+    assert "--gpus none gives the containers no GPU, so they cannot render with OPTIX" in " ".join(
+        res.output.split()
+    )

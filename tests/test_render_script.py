@@ -335,3 +335,12 @@ def test_engine_override_renders(tmp_path, demo_blend, engine):
     assert "done" in res.kinds()
     with Image.open(manifest(tmp_path)["2"]) as im:
         assert im.size == (80, 60)
+
+
+async def test_the_sample_scene_command_leaves_only_the_file(tmp_path):
+    from cli.farm import make_sample_scene
+
+    await make_sample_scene(tmp_path / "x.blend")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.blend"], (
+        "Blender's .config/.cache left beside it"
+    )
