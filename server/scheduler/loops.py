@@ -109,9 +109,11 @@ class Scheduler:
                 self.leading = self.ctx.leading = False
                 for t in loops:
                     t.cancel()
-                for t in loops:
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await t
+                # gather: the loops' own CancelledErrors become results, while a cancel of this
+                # task (stop()) still propagates; suppressing CancelledError around each await
+                # swallowed a stop() that came while the loops were ending (the lock check had
+                # failed), and _lead went on leading for ever while stop() waited
+                await asyncio.gather(*loops, return_exceptions=True)
 
     async def _listen_for_wakes(self) -> None:
         """Wake the dispatcher when another server process says so (``ctx.wake_channel``)."""
