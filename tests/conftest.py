@@ -97,10 +97,19 @@ async def farm(
 ) -> AsyncIterator[Farm]:
     """A farm with one local agent (``@pytest.mark.agents(0)`` for none) in ``tmp_path/farm``."""
     marker = request.node.get_closest_marker("agents")
-    agents = marker.args[0] if marker else 1
-    settings = farm_settings(tmp_path / "farm", backends)
+    async with farm_on(tmp_path, backends, agents=marker.args[0] if marker else 1) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def farm_on(
+    tmp_path: Path, backends: dict[str, Any] | None = None, agents: int = 0, **settings: Any
+) -> AsyncIterator[Farm]:
+    """An in-process farm in ``tmp_path/farm`` on ``backends`` (default: embedded) with ``agents``
+    local agents and ``settings`` fields set; a client logged in as its first admin."""
+    config = farm_settings(tmp_path / "farm", backends, **settings)
     stack = contextlib.AsyncExitStack()
-    running = await stack.enter_async_context(running_farm(settings, port=free_port(), agents=agents))
+    running = await stack.enter_async_context(running_farm(config, port=free_port(), agents=agents))
     token = await local_admin_token(running.ctx, "tests")
     client = await stack.enter_async_context(FarmClient(running.url, token))
     try:

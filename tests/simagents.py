@@ -12,19 +12,15 @@ import asyncio
 import contextlib
 import io
 import json
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from cli.client import FarmClient
-from cli.farm import free_port, running_farm
-from server.auth.service import local_admin_token
 from server.persistence.tables import Model, Task
-from tests.conftest import Farm, farm_settings, stop_within
+from tests.conftest import Farm
 from tests.production import production_backends
 
 
@@ -36,21 +32,6 @@ def both_backends(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
         return
     with production_backends(request) as urls:
         yield urls
-
-
-@contextlib.asynccontextmanager
-async def farm_on(tmp_path: Path, backends: dict[str, Any], **settings: Any) -> AsyncIterator[Farm]:
-    """An in-process farm with no local agent on ``backends`` (as the ``farm`` fixture), with
-    ``settings`` fields set."""
-    stack = contextlib.AsyncExitStack()
-    config = farm_settings(tmp_path / "farm", backends, **settings)
-    running = await stack.enter_async_context(running_farm(config, port=free_port(), agents=0))
-    token = await local_admin_token(running.ctx, "tests")
-    client = await stack.enter_async_context(FarmClient(running.url, token))
-    try:
-        yield Farm(running, client, token)
-    finally:
-        await stop_within(stack, 60)
 
 
 def png() -> bytes:

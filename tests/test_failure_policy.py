@@ -20,11 +20,10 @@ from cli.main import main as cli_main
 from protocol.messages import TASK_QUEUE
 from server.config import Settings, load_settings
 from server.persistence.tables import Agent, AuditEntry, TaskFailure, utcnow
-from tests.conftest import Farm
+from tests.conftest import Farm, farm_on
 from tests.simagents import (
     SimAgent,
     both_backends,  # noqa: F401  (fixture)
-    farm_on,
     quiet,
     submit,
     take,

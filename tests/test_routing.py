@@ -20,11 +20,10 @@ from sqlalchemy import create_engine, text
 from protocol.messages import TASK_QUEUE
 from server.persistence.migrate import alembic_config
 from server.scheduler.reconciler import reconcile_broker
-from tests.conftest import Farm
+from tests.conftest import Farm, farm_on
 from tests.simagents import (
     SimAgent,
     both_backends,  # noqa: F401  (fixture)
-    farm_on,
     model_id,
     quiet,
     submit,
