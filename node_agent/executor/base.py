@@ -8,11 +8,15 @@ caller reads the events and the manifest for that.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 50
 """How many of the last output lines a :class:`RunOutcome` keeps."""
@@ -159,3 +163,38 @@ async def watch_run(
     finally:
         if canceled is not None:
             canceled.cancel()
+
+
+class OutputSink:
+    """Where a run's output lines go, for every executor.
+
+    Each line goes to ``on_line`` (an exception it raises is logged once, then counted) and to
+    :attr:`tail` (the last :data:`LOG_TAIL_LINES`); :attr:`last_output` is the
+    ``time.monotonic()`` value of the last output, for the no-progress timeout (:func:`watch_run`).
+    """
+
+    def __init__(self, on_line: Callable[[str], None]) -> None:
+        self.on_line = on_line
+        self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        self.last_output = time.monotonic()
+        self.errors = 0
+
+    def touch(self) -> None:
+        """Output came (a line may not be complete yet)."""
+        self.last_output = time.monotonic()
+
+    def deliver(self, line: str) -> None:
+        """One whole output line."""
+        self.last_output = time.monotonic()
+        self.tail.append(line)
+        try:
+            self.on_line(line)
+        except Exception:
+            self.errors += 1
+            if self.errors == 1:
+                log.exception("on_line callback failed (further failures are counted)")
+
+    def close(self) -> None:
+        """Log how often ``on_line`` failed, if more than once."""
+        if self.errors > 1:
+            log.warning("on_line callback failed %d times", self.errors)

@@ -27,7 +27,6 @@ import shutil
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ import docker.errors
 from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 from docker.utils.socket import frames_iter
 
-from node_agent.executor.base import LOG_TAIL_LINES, BlenderNotFound, BlenderRun, RunOutcome, watch_run
+from node_agent.executor.base import BlenderNotFound, BlenderRun, OutputSink, RunOutcome, watch_run
 from node_agent.executor.local import _is_secret, blender_argv
 from node_agent.logparse import LineSplitter
 
@@ -418,7 +417,7 @@ class DockerExecutor:
         Errors of Docker before the start give reason ``"spawn_failed"``.
         """
         loop = asyncio.get_running_loop()
-        tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        out = OutputSink(on_line)
         started = time.monotonic()
         api = self.client.api
         stage: Path | None = None
@@ -455,37 +454,21 @@ class DockerExecutor:
         assert cid is not None
         log.info("container %s (%s) started for %s", cid[:12], self.image, run.labels or {})
 
-        last_output = time.monotonic()
-        callback_errors = 0
-
-        def deliver(line: str) -> None:
-            nonlocal callback_errors, last_output
-            last_output = time.monotonic()
-            tail.append(line)
-            try:
-                on_line(line)
-            except Exception:
-                callback_errors += 1
-                if callback_errors == 1:
-                    log.exception("on_line callback failed (further failures are counted)")
-
-        def touch() -> None:
-            nonlocal last_output
-            last_output = time.monotonic()
-
-        reader = _in_thread(loop, lambda: _read_frames(sock, loop, deliver, touch), f"docker-out-{cid[:12]}")
+        out.touch()  # the no-progress clock starts with the container
+        reader = _in_thread(
+            loop, lambda: _read_frames(sock, loop, out.deliver, out.touch), f"docker-out-{cid[:12]}"
+        )
         waiter = _in_thread(loop, lambda: api.wait(cid, timeout=None), f"docker-wait-{cid[:12]}")
         reason: str | None = None
         state: dict[str, Any] = {}
         try:
             reason = await watch_run(
-                waiter, started, run.timeout_s, run.stall_timeout_s, lambda: last_output, cancel
+                waiter, started, run.timeout_s, run.stall_timeout_s, lambda: out.last_output, cancel
             )
         finally:
             finish = asyncio.ensure_future(self._finish(cid, reason, waiter, reader, sock, stage, state))
             await asyncio.shield(finish)
-        if callback_errors > 1:
-            log.warning("on_line callback failed %d times", callback_errors)
+        out.close()
         assert reason is not None
         code = state.get("exit_code")
         exit_code = None
@@ -494,7 +477,7 @@ class DockerExecutor:
         return RunOutcome(
             exit_code,
             reason,
-            list(tail),
+            list(out.tail),
             time.monotonic() - started,
             bool(state.get("oom_killed")),
             oom_known="oom_killed" in state,

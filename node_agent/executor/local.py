@@ -11,11 +11,10 @@ import shutil
 import signal
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from node_agent.executor.base import LOG_TAIL_LINES, BlenderNotFound, BlenderRun, RunOutcome, watch_run
+from node_agent.executor.base import BlenderNotFound, BlenderRun, OutputSink, RunOutcome, watch_run
 from node_agent.logparse import LineSplitter
 
 log = logging.getLogger(__name__)
@@ -203,7 +202,7 @@ class LocalExecutor:
         """
         loop = asyncio.get_running_loop()
         argv = self.argv(run)
-        tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        out = OutputSink(on_line)
         started = time.monotonic()
         read_fd, write_fd = os.pipe()
         try:
@@ -237,38 +236,26 @@ class LocalExecutor:
             await proc.wait()
             raise
 
-        last_output = time.monotonic()
-        callback_errors = 0
-
-        def deliver(line: str) -> None:
-            nonlocal callback_errors
-            tail.append(line)
-            try:
-                on_line(line)
-            except Exception:
-                callback_errors += 1
-                if callback_errors == 1:
-                    log.exception("on_line callback failed (further failures are counted)")
+        out.touch()  # the no-progress clock starts with the process
 
         async def read_output() -> None:
-            nonlocal last_output
             splitter = LineSplitter()
             while True:
                 chunk = await stream.read(READ_CHUNK_BYTES)
                 if not chunk:
                     break
-                last_output = time.monotonic()
+                out.touch()
                 for line in splitter.feed(chunk):
-                    deliver(line)
+                    out.deliver(line)
             for line in splitter.flush():
-                deliver(line)
+                out.deliver(line)
 
         reader = asyncio.create_task(read_output())
         waiter = asyncio.create_task(proc.wait())
         reason: str | None = None
         try:
             reason = await watch_run(
-                waiter, started, run.timeout_s, run.stall_timeout_s, lambda: last_output, cancel
+                waiter, started, run.timeout_s, run.stall_timeout_s, lambda: out.last_output, cancel
             )
         finally:
             if reason != "exited":
@@ -284,11 +271,10 @@ class LocalExecutor:
             except Exception:
                 log.exception("reading Blender's output failed")
             transport.close()
-        if callback_errors > 1:
-            log.warning("on_line callback failed %d times", callback_errors)
+        out.close()
         assert reason is not None
         exit_code = proc.returncode if reason == "exited" else None
-        return RunOutcome(exit_code, reason, list(tail), time.monotonic() - started)
+        return RunOutcome(exit_code, reason, list(out.tail), time.monotonic() - started)
 
     @staticmethod
     async def _stop(proc: asyncio.subprocess.Process, waiter: asyncio.Task) -> None:
