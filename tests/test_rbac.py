@@ -316,6 +316,7 @@ SAMPLES: dict[tuple[str, str], Sample] = {
     ("GET", "/api/jobs/{job_id}/outputs"): Sample(),
     ("GET", "/api/jobs/{job_id}/outputs.zip"): Sample(),
     ("GET", "/api/jobs/{job_id}/outputs/{frame}"): Sample(),
+    ("GET", "/api/jobs/{job_id}/outputs/{frame}/thumbnail"): Sample(query="?size=16"),
     ("GET", "/files/{key:.+}"): Sample(url=lambda w: w.signed_url),
     # audit
     ("GET", "/api/audit"): Sample(),
@@ -549,6 +550,7 @@ async def test_another_projects_objects_are_invisible(farm: Farm, sample_blend: 
         ("task", "GET", "/api/tasks/{id}/status", w.task_id, {}),
         ("job", "GET", "/api/jobs/{id}/outputs", w.job_id, {}),
         ("job", "GET", "/api/jobs/{id}/outputs/1", w.job_id, {}),
+        ("job", "GET", "/api/jobs/{id}/outputs/1/thumbnail", w.job_id, {}),
         ("job", "GET", "/api/jobs/{id}/outputs.zip", w.job_id, {}),
         ("job", "GET", "/api/jobs/{id}/events", w.job_id, {}),
         ("job", "PATCH", "/api/jobs/{id}", w.job_id, {"json": {"priority": 5}}),
