@@ -884,3 +884,4 @@ main.add_command(_db_group)
 
 import cli.accounts  # noqa: E402, F401  (registers login, logout, whoami, user, project, token, audit)
 from cli import nodes_cmd  # noqa: E402, F401  (registers agents, blocklist)
+from cli import addon_cmd  # noqa: E402, F401  (registers addon build)

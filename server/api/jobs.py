@@ -72,7 +72,11 @@ async def create_job(request: web.Request) -> web.Response:
     permission="job:read",
     summary="List jobs, newest first",
     response=JobList,
-    query={"state": "only jobs in this state", "limit": "at most this many (1-500, default 100)"},
+    query={
+        "state": "only jobs in this state",
+        "limit": "at most this many (1-500, default 100)",
+        "mine": "true: only the jobs you submitted",
+    },
     integer_query=("limit",),
     scope="any",
 )
@@ -93,6 +97,11 @@ async def list_jobs(request: web.Request) -> web.Response:
         if state not in sm.TASK_STATES:
             raise ApiError(400, f"state must be one of {', '.join(sm.TASK_STATES)}, not {state!r}", "state")
         q = q.where(Job.state == state)
+    mine = request.query.get("mine", "false").lower()
+    if mine not in ("true", "false", "1", "0"):
+        raise ApiError(400, f"mine must be true or false, not {mine!r}", "mine")
+    if mine in ("true", "1"):
+        q = q.where(Job.owner_id == p.user_id)
     async with ctx.db.session() as s:
         ids = (await s.scalars(q)).all()
         jobs = [await service.job_summary(ctx, i, s) for i in ids]

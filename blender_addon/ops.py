@@ -1,0 +1,818 @@
+"""The add-on's operators: log in, submit, watch, download, open, cancel.
+
+From the panel (``invoke``) network and packing work runs in worker threads and reaches the
+panel through :mod:`.state`. From a script (``bpy.ops.render_farm.submit(...)``, that is
+``execute``) the same work runs inline and the operator returns when it is done, raising
+``RuntimeError`` with the farm's message when it fails: what a pipeline script wants.
+"""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import bpy
+from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
+
+from . import packing, worker
+from .client import FarmClient, FarmError
+from .props import DEVICES, FORMATS, prefs, server_url, token_store, user_folder
+from .state import FARM, Submission, post, report
+
+TOKEN_DAYS = 90
+"""Days a personal token made by logging in from Blender stays valid."""
+_watchers: dict[str, threading.Event] = {}
+
+
+def _direct(fn: Callable[..., Any], *args: Any) -> None:
+    fn(*args)
+
+
+def _thread(target: Callable[..., Any], *args: Any) -> threading.Thread:
+    t = threading.Thread(target=target, args=args, daemon=True, name="render-farm")
+    t.start()
+    return t
+
+
+def _client(context: bpy.types.Context) -> FarmClient:
+    """A client for the preferences' server with the stored token.
+
+    Raises:
+        FarmError: no server set, or (``auth``) not logged in.
+    """
+    server = server_url(context)
+    entry = token_store().get(server)
+    if not entry:
+        raise FarmError("auth", f"not logged in to {server}: log in in the add-on's preferences")
+    return FarmClient(server, str(entry["token"]))
+
+
+def _fail(op: bpy.types.Operator, exc: FarmError | str) -> set[str]:
+    text = worker._farm_message(exc) if isinstance(exc, FarmError) else exc
+    if isinstance(exc, FarmError) and exc.kind == "auth":
+        FARM.auth_error = text
+    op.report({"ERROR"}, text)
+    return {"CANCELLED"}
+
+
+def thumb_dir(job_id: str) -> Path:
+    """Where the thumbnails of ``job_id`` are kept."""
+    return user_folder() / "thumbnails" / "".join(c for c in job_id if c.isalnum() or c in "-_")
+
+
+def watch_job(context: bpy.types.Context, job_id: str) -> None:
+    """Show ``job_id`` in the panel and poll it in a worker thread (one watched job at a time)."""
+    FARM.active_job = job_id
+    FARM.view(job_id)
+    for other, stop in list(_watchers.items()):
+        if other != job_id:
+            stop.set()
+            del _watchers[other]
+    if job_id in _watchers and not _watchers[job_id].is_set():
+        return
+    try:
+        client = _client(context)
+    except FarmError as exc:
+        FARM.view(job_id).error = worker._farm_message(exc)
+        return
+    stop = threading.Event()
+    _watchers[job_id] = stop
+    _thread(worker.watch, client, job_id, thumb_dir(job_id), stop, post)
+
+
+def stop_watching() -> None:
+    """Stop every polling thread (on unregister)."""
+    for stop in _watchers.values():
+        stop.set()
+    _watchers.clear()
+
+
+# ------------------------------------------------------------------ accounts
+
+
+def _login(server: str, username: str, password: str) -> tuple[dict[str, Any], list[str]]:
+    """Exchange the password for a personal token, store it, end the login session.
+
+    Returns ``(me, project names)``. Raises FarmError.
+    """
+    store = token_store()
+    old = store.get(server)
+    c = FarmClient(server)
+    session = c.login(username, password)
+    c.token = session["access_token"]
+    try:
+        me = c.me()
+        created = c.create_token(f"Blender on {socket.gethostname()}"[:100], TOKEN_DAYS)
+        try:
+            store.put(
+                server,
+                {
+                    "token": created["token"],
+                    "token_id": created["id"],
+                    "username": me["username"],
+                    "expires_at": created.get("expires_at"),
+                },
+            )
+        except OSError as exc:
+            c.revoke_token(str(created["id"]))
+            raise FarmError("server", f"cannot store the token in {store.path}: {exc}") from None
+    finally:
+        try:
+            c.logout_session(session["refresh_token"])
+        except FarmError:
+            pass  # it expires by itself
+    if old and old.get("token_id") and old.get("token") != created["token"]:
+        try:
+            FarmClient(server, str(old["token"])).revoke_token(str(old["token_id"]))
+        except FarmError:
+            pass  # already revoked or expired
+    return me, [str(p["name"]) for p in me.get("projects") or []]
+
+
+def _logged_in(me: dict[str, Any], projects: list[str]) -> None:
+    FARM.auth_error = ""
+    FARM.projects = projects
+    FARM.connection = f"Logged in as {me['username']}; projects: {', '.join(projects) or 'none'}"
+    report("INFO", FARM.connection)
+
+
+def _login_failed(text: str) -> None:
+    FARM.auth_error = text
+    report("ERROR", text)
+
+
+class RENDERFARM_OT_login(bpy.types.Operator):
+    """Log in to the farm: the password is exchanged for a personal API token (the password is
+    not stored)."""
+
+    bl_idname = "render_farm.login"
+    bl_label = "Log In to the Render Farm"
+    bl_options = {"INTERNAL"}
+
+    username: StringProperty(name="User Name", options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    password: StringProperty(name="Password", subtype="PASSWORD", options={"SKIP_SAVE", "HIDDEN"})  # type: ignore[valid-type]
+    use_thread: BoolProperty(options={"SKIP_SAVE", "HIDDEN"})  # type: ignore[valid-type]
+
+    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+        """Ask for the user name and password in a dialog."""
+        self.username = self.username or prefs(context).username
+        self.use_thread = True
+        return context.window_manager.invoke_props_dialog(self)
+
+    def draw(self, context: bpy.types.Context) -> None:
+        """The dialog: user name and password."""
+        self.layout.prop(self, "username")
+        self.layout.prop(self, "password")
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        """Log in (in a worker thread from the dialog; inline from a script)."""
+        username, password = self.username.strip(), self.password
+        self.password = ""
+        if not username or not password:
+            return _fail(self, "give a user name and a password")
+        try:
+            server = server_url(context)
+        except FarmError as exc:
+            return _fail(self, exc)
+        prefs(context).username = username
+        if self.use_thread:
+
+            def run() -> None:
+                try:
+                    post(_logged_in, *_login(server, username, password))
+                except FarmError as exc:
+                    post(_login_failed, f"Log in failed: {exc}")
+
+            _thread(run)
+            self.report({"INFO"}, f"Logging in to {server}...")
+            return {"FINISHED"}
+        try:
+            _logged_in(*_login(server, username, password))
+        except FarmError as exc:
+            return _fail(self, f"Log in failed: {exc}")
+        return {"FINISHED"}
+
+
+class RENDERFARM_OT_logout(bpy.types.Operator):
+    """Revoke the stored token and forget it."""
+
+    bl_idname = "render_farm.logout"
+    bl_label = "Log Out"
+    bl_options = {"INTERNAL"}
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        """Revoke (best effort, a few seconds at most) and remove the token."""
+        try:
+            server = server_url(context)
+        except FarmError as exc:
+            return _fail(self, exc)
+        entry = token_store().remove(server)
+        stop_watching()
+        if entry and entry.get("token_id"):
+
+            def run() -> None:
+                try:
+                    FarmClient(server, str(entry["token"]), timeout=5).revoke_token(str(entry["token_id"]))
+                except FarmError:
+                    pass
+
+            _thread(run)
+        FARM.connection = ""
+        self.report({"INFO"}, f"Logged out of {server}")
+        return {"FINISHED"}
+
+
+def _connection_result(text: str, level: str, projects: list[str] | None, auth: bool) -> None:
+    FARM.connection = text
+    if projects is not None:
+        FARM.projects = projects
+    if auth:
+        FARM.auth_error = text
+    elif level == "INFO":
+        FARM.auth_error = ""
+    report(level, text)
+
+
+def _test_connection(server: str, token: str | None) -> tuple[str, str, list[str] | None, bool]:
+    c = FarmClient(server, token, timeout=10)
+    try:
+        health = c.health()
+    except FarmError as exc:
+        return f"Cannot reach the farm: {exc}", "ERROR", None, False
+    state = "healthy" if health.get("status") == "ok" else f"{health.get('status', 'degraded')}: {health}"
+    if not token:
+        return f"The farm at {server} answers ({state}); you are not logged in", "WARNING", None, False
+    try:
+        me = c.me()
+    except FarmError as exc:
+        return worker._farm_message(exc), "ERROR", None, exc.kind == "auth"
+    projects = [str(p["name"]) for p in me.get("projects") or []]
+    return (
+        f"Connected to {server} ({state}) as {me['username']}; projects: {', '.join(projects) or 'none'}",
+        "INFO",
+        projects,
+        False,
+    )
+
+
+class RENDERFARM_OT_test_connection(bpy.types.Operator):
+    """Check that the farm answers and that the stored token works."""
+
+    bl_idname = "render_farm.test_connection"
+    bl_label = "Test Connection"
+    bl_options = {"INTERNAL"}
+
+    use_thread: BoolProperty(options={"SKIP_SAVE", "HIDDEN"})  # type: ignore[valid-type]
+
+    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+        """From a button: in a worker thread."""
+        self.use_thread = True
+        return self.execute(context)
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        """Ask ``/healthz`` and ``/api/me``."""
+        try:
+            server = server_url(context)
+        except FarmError as exc:
+            return _fail(self, exc)
+        entry = token_store().get(server)
+        token = str(entry["token"]) if entry else None
+        if self.use_thread:
+            _thread(lambda: post(_connection_result, *_test_connection(server, token)))
+            FARM.connection = f"Connecting to {server}..."
+            return {"FINISHED"}
+        text, level, projects, auth = _test_connection(server, token)
+        if level == "ERROR":
+            FARM.auth_error = text if auth else FARM.auth_error
+            return _fail(self, text)
+        _connection_result(text, level, projects, auth)
+        return {"FINISHED"}
+
+
+# ------------------------------------------------------------------ submit
+
+
+def scene_frames(scene: bpy.types.Scene) -> str:
+    """The scene's frame range and step as a frame spec (``1-250``, ``1-250x2``)."""
+    spec = (
+        f"{scene.frame_start}-{scene.frame_end}"
+        if scene.frame_end != scene.frame_start
+        else str(scene.frame_start)
+    )
+    return spec + (
+        f"x{scene.frame_step}" if scene.frame_step > 1 and scene.frame_end != scene.frame_start else ""
+    )
+
+
+def save_copy() -> tuple[Path, Path, str]:
+    """Save the open scene, unsaved changes included, as a temporary copy (main thread only).
+
+    The copy goes next to the artist's file (a hidden name), so the relative paths written in it
+    resolve as in the original; the artist's file and its "unsaved" state are left as they are
+    (``save_as_mainfile(copy=True)``). When that folder cannot be written, or the scene was
+    never saved, the copy goes to a temporary folder with its relative paths remapped.
+
+    Returns:
+        ``(copy, project_root, main_name)``.
+
+    Raises:
+        RuntimeError: Blender could not save the copy anywhere.
+    """
+    src = bpy.data.filepath
+    main_name = Path(src).name if src else "untitled.blend"
+    tag = uuid.uuid4().hex[:8]
+    if src:
+        folder = Path(src).parent
+        copy = folder / f".{Path(src).stem}.renderfarm-{tag}.blend"
+        try:
+            bpy.ops.wm.save_as_mainfile(
+                filepath=str(copy), copy=True, check_existing=False, relative_remap=False, compress=False
+            )
+            return copy, folder, main_name
+        except RuntimeError:
+            packing.remove_quietly(copy)  # a read-only folder: fall through to a temporary one
+    tmp = Path(tempfile.mkdtemp(prefix="renderfarm-copy-"))
+    copy = tmp / main_name
+    bpy.ops.wm.save_as_mainfile(
+        filepath=str(copy), copy=True, check_existing=False, relative_remap=True, compress=False
+    )
+    return copy, tmp, main_name
+
+
+def _report_submission(sub: Submission, context_wm: Any) -> None:
+    if sub.stage == "submitted":
+        report("INFO", sub.text)
+        try:
+            context_wm.render_farm.last_job_id = sub.job_id
+        except (AttributeError, ReferenceError):
+            pass
+        watch_job(bpy.context, sub.job_id)
+    elif sub.stage == "canceled":
+        report("WARNING", sub.text)
+    else:
+        report("ERROR", sub.text)
+
+
+class RENDERFARM_OT_submit(bpy.types.Operator):
+    """Pack the scene with everything it needs, upload it and render it on the farm.
+
+    Every keyword argument overrides the panel's setting of the same name; unset ones come
+    from the scene's Render Farm panel (``scene.render_farm``)."""
+
+    bl_idname = "render_farm.submit"
+    bl_label = "Render on Farm"
+    bl_options = {"REGISTER"}
+
+    project: StringProperty(name="Project", options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    frames: StringProperty(name="Frames", description="Frame spec; empty: the panel's", options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    chunk_size: IntProperty(name="Chunk Size", min=1, max=10000, default=1, options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    priority: IntProperty(name="Priority", min=-100, max=100, options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    device: EnumProperty(name="Device", items=DEVICES, default="ANY", options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    samples: IntProperty(name="Samples", min=0, max=1_000_000, options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    output_format: EnumProperty(name="Format", items=FORMATS, default="PNG", options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    allow_missing: BoolProperty(name="Allow Missing Files", options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    wait: BoolProperty(  # type: ignore[valid-type]
+        name="Wait", description="Scripts: return only when the job has finished", options={"SKIP_SAVE"}
+    )
+    download: BoolProperty(  # type: ignore[valid-type]
+        name="Download",
+        description="Scripts, with wait: download the frames when the job completes",
+        options={"SKIP_SAVE"},
+    )
+    download_dir: StringProperty(name="Download To", subtype="DIR_PATH", options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    poll_interval: FloatProperty(  # type: ignore[valid-type]
+        name="Poll Interval",
+        description="Seconds between checks while waiting",
+        default=2.0,
+        min=0.2,
+        max=60.0,
+        options={"SKIP_SAVE"},
+    )
+    asynchronous: BoolProperty(  # type: ignore[valid-type]
+        name="Asynchronous",
+        description="Pack and upload in worker threads and return at once, as the panel's button does "
+        "(the panel shows progress; wait and download are ignored)",
+        options={"SKIP_SAVE"},
+    )
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        """Not while another submission is packing or uploading."""
+        return context.scene is not None and not (FARM.submission and FARM.submission.busy)
+
+    def _value(self, settings: Any, name: str) -> Any:
+        return getattr(self, name) if self.properties.is_property_set(name) else getattr(settings, name)
+
+    def _params(self, context: bpy.types.Context) -> tuple[str, str, str, dict[str, Any]]:
+        """``(server, token, project, job fields)``; raises FarmError or ValueError."""
+        scene = context.scene
+        settings = scene.render_farm  # type: ignore[attr-defined]
+        server = server_url(context)
+        entry = token_store().get(server)
+        if not entry:
+            raise FarmError("auth", f"not logged in to {server}: log in in the add-on's preferences")
+        if self.properties.is_property_set("frames"):
+            frames = self.frames.strip()
+        else:
+            frames = scene_frames(scene) if settings.use_scene_frames else settings.frames.strip()
+        if not frames:
+            raise ValueError("give the frames to render (1-10, 1-99x2 ...)")
+        project = (self._value(settings, "project") or prefs(context).default_project).strip()
+        samples = self._value(settings, "samples")
+        job = {
+            "frames": frames,
+            "chunk_size": self._value(settings, "chunk_size"),
+            "priority": self._value(settings, "priority"),
+            "device": str(self._value(settings, "device")).lower(),
+            "samples": samples or None,
+            "output_format": self._value(settings, "output_format"),
+            "allow_missing": bool(self._value(settings, "allow_missing")),
+            "scene": scene.name,
+            "name": (Path(bpy.data.filepath).stem if bpy.data.filepath else scene.name)[:255],
+        }
+        return server, str(entry["token"]), project, job
+
+    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+        """From the panel: the work goes to a worker thread; the panel shows its progress."""
+        self.asynchronous = True
+        return self.execute(context)
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        """Save a copy, then pack, upload and create the job (inline, or in a thread from the panel)."""
+        try:
+            server, token, project, job = self._params(context)
+        except (FarmError, ValueError) as exc:
+            return _fail(self, exc if isinstance(exc, FarmError) else str(exc))
+        sub = Submission(text="Saving a copy of the scene")
+        FARM.submission = sub
+        try:
+            copy, root, main_name = save_copy()
+        except RuntimeError as exc:
+            sub.stage, sub.text = "failed", f"cannot save a copy of the scene: {exc}"
+            return _fail(self, sub.text)
+        params = worker.SubmitParams(
+            server=server,
+            token=token,
+            project=project,
+            job=job,
+            blend=copy,
+            project_root=root,
+            main_name=main_name,
+            remove_blend=True,
+        )
+        if self.asynchronous:
+            wm = context.window_manager
+
+            def run() -> None:
+                worker.submit(sub, params, post)
+                post(_report_submission, sub, wm)
+
+            _thread(run)
+            sub.stage, sub.text = "packing", "Packing"
+            return {"FINISHED"}
+        worker.submit(sub, params, _direct)
+        if sub.stage != "submitted":
+            if sub.stage == "missing":
+                return _fail(self, sub.text + " (allow_missing=True submits anyway)")
+            return _fail(self, sub.text)
+        wm_farm = context.window_manager.render_farm  # type: ignore[attr-defined]
+        wm_farm.last_job_id = sub.job_id
+        self.report({"INFO"}, sub.text)
+        if not self.wait:
+            return {"FINISHED"}
+        return self._wait(context, sub.job_id)
+
+    def _wait(self, context: bpy.types.Context, job_id: str) -> set[str]:
+        """Scripts: poll until the job ends, then download its frames if asked."""
+        wm_farm = context.window_manager.render_farm  # type: ignore[attr-defined]
+        client = _client(context)
+        seen: set[int] = set()
+        while True:
+            try:
+                if worker.poll_once(client, job_id, seen, thumb_dir(job_id), _direct):
+                    break
+            except FarmError as exc:
+                if exc.kind == "auth" or exc.kind == "refused":
+                    return _fail(self, exc)
+                print(f"render farm: {exc}; trying again")  # an unreachable farm: keep waiting
+            time.sleep(self.poll_interval)
+        view = FARM.view(job_id)
+        wm_farm.last_state = view.state
+        if view.state != "completed":
+            return _fail(self, f"job {job_id} {view.state}: {view.summary.get('message', '')}")
+        if self.download:
+            try:
+                dest = download_folder(context, job_id, self.download_dir)
+                worker.download(client, job_id, dest, _direct)
+            except (FarmError, OSError, ValueError) as exc:
+                return _fail(self, exc if isinstance(exc, FarmError) else f"download failed: {exc}")
+            wm_farm.last_download_dir = str(dest)
+        self.report({"INFO"}, f"job {job_id} completed")
+        return {"FINISHED"}
+
+
+class RENDERFARM_OT_cancel_submission(bpy.types.Operator):
+    """Stop the submission that is packing or uploading (nothing is submitted)."""
+
+    bl_idname = "render_farm.cancel_submission"
+    bl_label = "Cancel Submission"
+    bl_options = {"INTERNAL"}
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        """Ask the worker to stop at its next block."""
+        if FARM.submission and FARM.submission.busy:
+            FARM.submission.cancel.set()
+        return {"FINISHED"}
+
+
+# ------------------------------------------------------------------ results
+
+
+def download_folder(context: bpy.types.Context, job_id: str, folder: str = "") -> Path:
+    """``folder`` (or the panel's Download To) with the job's id appended, made absolute.
+
+    Raises:
+        ValueError: the folder is relative (``//``) to a file never saved.
+    """
+    raw = folder or context.scene.render_farm.download_dir or "//render_farm/"  # type: ignore[attr-defined]
+    if raw.startswith("//") and not bpy.data.filepath:
+        raise ValueError(
+            "the file was never saved, so //render_farm/ has no place: save it, or set "
+            "Download To to a folder"
+        )
+    safe = "".join(c for c in job_id if c.isalnum() or c in "-_")
+    return Path(bpy.path.abspath(raw)) / safe
+
+
+def _job_id(op: Any) -> str:
+    return str(op.job_id or FARM.active_job)
+
+
+class RENDERFARM_OT_show_job(bpy.types.Operator):
+    """Show this job in the panel and follow its progress."""
+
+    bl_idname = "render_farm.show_job"
+    bl_label = "Show Job"
+    bl_options = {"INTERNAL"}
+
+    job_id: StringProperty(options={"SKIP_SAVE"})  # type: ignore[valid-type]
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        """Start polling it."""
+        if not self.job_id:
+            return {"CANCELLED"}
+        watch_job(context, self.job_id)
+        return {"FINISHED"}
+
+
+class RENDERFARM_OT_refresh_jobs(bpy.types.Operator):
+    """Fetch your recent jobs."""
+
+    bl_idname = "render_farm.refresh_jobs"
+    bl_label = "Refresh Jobs"
+    bl_options = {"INTERNAL"}
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        """In a worker thread."""
+        try:
+            client = _client(context)
+        except FarmError as exc:
+            return _fail(self, exc)
+        _thread(worker.recent_jobs, client, post)
+        return {"FINISHED"}
+
+
+def _cancelled(job_id: str, summary: dict[str, Any] | None, error: str, kind: str) -> None:
+    if summary is not None:
+        FARM.view(job_id).summary = summary
+        report("INFO", f"job {job_id} canceled")
+    else:
+        FARM.view(job_id).error = error
+        if kind == "auth":
+            FARM.auth_error = error
+        report("ERROR", error)
+
+
+def _cancel(client: FarmClient, job_id: str, notify: Callable[..., None]) -> None:
+    try:
+        notify(_cancelled, job_id, client.cancel(job_id), "", "")
+    except FarmError as exc:
+        notify(_cancelled, job_id, None, worker._farm_message(exc), exc.kind)
+
+
+class RENDERFARM_OT_cancel_job(bpy.types.Operator):
+    """Cancel the job on the farm (running renders stop within seconds)."""
+
+    bl_idname = "render_farm.cancel_job"
+    bl_label = "Cancel Job"
+
+    job_id: StringProperty(options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    use_thread: BoolProperty(options={"SKIP_SAVE", "HIDDEN"})  # type: ignore[valid-type]
+
+    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+        """Confirm first."""
+        self.use_thread = True
+        return context.window_manager.invoke_confirm(self, event)
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        """Ask the farm to cancel it."""
+        job_id = _job_id(self)
+        if not job_id:
+            return _fail(self, "no job to cancel")
+        try:
+            client = _client(context)
+        except FarmError as exc:
+            return _fail(self, exc)
+        if self.use_thread:
+            _thread(_cancel, client, job_id, post)
+            return {"FINISHED"}
+        try:
+            FARM.view(job_id).summary = client.cancel(job_id)
+        except FarmError as exc:
+            return _fail(self, exc)
+        return {"FINISHED"}
+
+
+def _download_failed(job_id: str, text: str, kind: str) -> None:
+    FARM.view(job_id).download_text = text
+    if kind == "auth":
+        FARM.auth_error = text
+    report("ERROR", text)
+
+
+def _downloaded(job_id: str, then_open: bool) -> None:
+    view = FARM.view(job_id)
+    report("INFO", f"{view.download_text} into {view.download_dir}")
+    if then_open and view.downloaded:
+        open_in_image_editor(view.downloaded[-1])
+
+
+def _download(client: FarmClient, job_id: str, dest: Path, frames: set[int] | None, then_open: bool) -> None:
+    try:
+        worker.download(client, job_id, dest, post, frames)
+    except FarmError as exc:
+        post(_download_failed, job_id, f"Download failed: {worker._farm_message(exc)}", exc.kind)
+        return
+    except OSError as exc:
+        post(_download_failed, job_id, f"Download failed: cannot write {dest}: {exc}", "")
+        return
+    post(_downloaded, job_id, then_open)
+
+
+class RENDERFARM_OT_download(bpy.types.Operator):
+    """Download the job's stored frames (into //render_farm/<job>/ unless told otherwise)."""
+
+    bl_idname = "render_farm.download"
+    bl_label = "Download Frames"
+
+    job_id: StringProperty(options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    directory: StringProperty(subtype="DIR_PATH", options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    use_thread: BoolProperty(options={"SKIP_SAVE", "HIDDEN"})  # type: ignore[valid-type]
+
+    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+        """From a button: in a worker thread."""
+        self.use_thread = True
+        return self.execute(context)
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        """Download (inline from a script)."""
+        job_id = _job_id(self)
+        if not job_id:
+            return _fail(self, "no job to download")
+        try:
+            client = _client(context)
+            dest = download_folder(context, job_id, self.directory)
+        except FarmError as exc:
+            return _fail(self, exc)
+        except ValueError as exc:
+            return _fail(self, str(exc))
+        if self.use_thread:
+            FARM.view(job_id).download_text = "Downloading..."
+            _thread(_download, client, job_id, dest, None, False)
+            return {"FINISHED"}
+        try:
+            paths = worker.download(client, job_id, dest, _direct)
+        except FarmError as exc:
+            return _fail(self, exc)
+        except OSError as exc:
+            return _fail(self, f"cannot write {dest}: {exc}")
+        context.window_manager.render_farm.last_download_dir = str(dest)  # type: ignore[attr-defined]
+        self.report({"INFO"}, f"downloaded {len(paths)} frames into {dest}")
+        return {"FINISHED"}
+
+
+def open_in_image_editor(path: str) -> bpy.types.Image:
+    """Load ``path`` (reloaded if loaded before) and show it in an Image Editor: the first one
+    open, else a new window's (main thread only)."""
+    img = bpy.data.images.load(path, check_existing=True)
+    img.reload()
+    wm = bpy.context.window_manager
+    for window in wm.windows:
+        for area in window.screen.areas:
+            if area.type == "IMAGE_EDITOR":
+                area.spaces.active.image = img  # type: ignore[union-attr]
+                return img
+    if wm.windows and not bpy.app.background:
+        before = set(wm.windows[:])
+        with bpy.context.temp_override(window=wm.windows[0]):
+            bpy.ops.wm.window_new()
+        new = [w for w in wm.windows if w not in before]
+        if new:
+            area = new[0].screen.areas[0]
+            area.type = "IMAGE_EDITOR"
+            area.spaces.active.image = img  # type: ignore[union-attr]
+    return img
+
+
+class RENDERFARM_OT_open_image(bpy.types.Operator):
+    """Open the latest finished frame in the Image Editor (downloading it first if needed)."""
+
+    bl_idname = "render_farm.open_image"
+    bl_label = "Open in Image Editor"
+
+    job_id: StringProperty(options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    frame: IntProperty(
+        name="Frame", description="The frame; unset: the latest finished", options={"SKIP_SAVE"}
+    )  # type: ignore[valid-type]
+    use_thread: BoolProperty(options={"SKIP_SAVE", "HIDDEN"})  # type: ignore[valid-type]
+
+    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+        """From a button: a download, if needed, runs in a worker thread."""
+        self.use_thread = True
+        return self.execute(context)
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        """Open it (downloading inline from a script)."""
+        job_id = _job_id(self)
+        view = FARM.view(job_id) if job_id else None
+        frame = (
+            self.frame if self.properties.is_property_set("frame") else (view.latest_frame if view else None)
+        )
+        if not job_id or frame is None:
+            return _fail(self, "no finished frame to open yet")
+        try:
+            client = _client(context)
+            dest = download_folder(context, job_id)
+        except FarmError as exc:
+            return _fail(self, exc)
+        except ValueError as exc:
+            return _fail(self, str(exc))
+        if self.use_thread:
+            _thread(_download, client, job_id, dest, {frame}, True)
+            return {"FINISHED"}
+        try:
+            paths = worker.download(client, job_id, dest, _direct, {frame})
+        except (FarmError, OSError) as exc:
+            return _fail(self, exc if isinstance(exc, FarmError) else str(exc))
+        if not paths:
+            return _fail(self, f"frame {frame} of job {job_id} is not stored")
+        open_in_image_editor(str(paths[-1]))
+        return {"FINISHED"}
+
+
+class RENDERFARM_OT_report(bpy.types.Operator):
+    """Internal: turns news from worker threads into Blender reports."""
+
+    bl_idname = "render_farm.report"
+    bl_label = "Render Farm Report"
+    bl_options = {"INTERNAL"}
+
+    level: StringProperty(default="INFO", options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    message: StringProperty(options={"SKIP_SAVE"})  # type: ignore[valid-type]
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        """Report ``message`` at ``level``."""
+        self.report({self.level if self.level in ("INFO", "WARNING", "ERROR") else "INFO"}, self.message)
+        return {"FINISHED"}
+
+
+def blender_report(level: str, text: str) -> None:
+    """:func:`.state.report` inside Blender: an operator report (Info log, status bar)."""
+    if bpy.app.background:
+        print(f"render farm: {level}: {text}")
+        return
+    try:
+        bpy.ops.render_farm.report(level=level, message=text)  # type: ignore[attr-defined]
+    except RuntimeError:
+        print(f"render farm: {level}: {text}")
+
+
+CLASSES = (
+    RENDERFARM_OT_login,
+    RENDERFARM_OT_logout,
+    RENDERFARM_OT_test_connection,
+    RENDERFARM_OT_submit,
+    RENDERFARM_OT_cancel_submission,
+    RENDERFARM_OT_show_job,
+    RENDERFARM_OT_refresh_jobs,
+    RENDERFARM_OT_cancel_job,
+    RENDERFARM_OT_download,
+    RENDERFARM_OT_open_image,
+    RENDERFARM_OT_report,
+)
