@@ -15,15 +15,18 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
 
 from . import packing, worker
 from .client import FarmClient, FarmError
-from .props import DEVICES, FORMATS, prefs, server_url, token_store, user_folder
+from .props import DEVICES, FORMATS, prefs, scene_settings, server_url, session, token_store, user_folder
 from .state import FARM, Submission, post, report
+
+if TYPE_CHECKING:
+    from bpy.stub_internal.rna_enums import OperatorReturnItems
 
 TOKEN_DAYS = 90
 """Days a personal token made by logging in from Blender stays valid."""
@@ -53,7 +56,7 @@ def _client(context: bpy.types.Context) -> FarmClient:
     return FarmClient(server, str(entry["token"]))
 
 
-def _fail(op: bpy.types.Operator, exc: FarmError | str) -> set[str]:
+def _fail(op: bpy.types.Operator, exc: FarmError | str) -> set[OperatorReturnItems]:
     text = worker._farm_message(exc) if isinstance(exc, FarmError) else exc
     if isinstance(exc, FarmError) and exc.kind == "auth":
         FARM.auth_error = text
@@ -155,22 +158,24 @@ class RENDERFARM_OT_login(bpy.types.Operator):
     bl_label = "Log In to the Render Farm"
     bl_options = {"INTERNAL"}
 
-    username: StringProperty(name="User Name", options={"SKIP_SAVE"})  # type: ignore[valid-type]
-    password: StringProperty(name="Password", subtype="PASSWORD", options={"SKIP_SAVE", "HIDDEN"})  # type: ignore[valid-type]
-    use_thread: BoolProperty(options={"SKIP_SAVE", "HIDDEN"})  # type: ignore[valid-type]
+    username: StringProperty(name="User Name", options={"SKIP_SAVE"})
+    password: StringProperty(name="Password", subtype="PASSWORD", options={"SKIP_SAVE", "HIDDEN"})
+    use_thread: BoolProperty(options={"SKIP_SAVE", "HIDDEN"})
 
-    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[OperatorReturnItems]:
         """Ask for the user name and password in a dialog."""
         self.username = self.username or prefs(context).username
         self.use_thread = True
+        assert context.window_manager is not None
         return context.window_manager.invoke_props_dialog(self)
 
     def draw(self, context: bpy.types.Context) -> None:
         """The dialog: user name and password."""
-        self.layout.prop(self, "username")
-        self.layout.prop(self, "password")
+        if self.layout is not None:
+            self.layout.prop(self, "username")
+            self.layout.prop(self, "password")
 
-    def execute(self, context: bpy.types.Context) -> set[str]:
+    def execute(self, context: bpy.types.Context) -> set[OperatorReturnItems]:
         """Log in (in a worker thread from the dialog; inline from a script)."""
         username, password = self.username.strip(), self.password
         self.password = ""
@@ -206,7 +211,7 @@ class RENDERFARM_OT_logout(bpy.types.Operator):
     bl_label = "Log Out"
     bl_options = {"INTERNAL"}
 
-    def execute(self, context: bpy.types.Context) -> set[str]:
+    def execute(self, context: bpy.types.Context) -> set[OperatorReturnItems]:
         """Revoke (best effort, a few seconds at most) and remove the token."""
         try:
             server = server_url(context)
@@ -268,14 +273,14 @@ class RENDERFARM_OT_test_connection(bpy.types.Operator):
     bl_label = "Test Connection"
     bl_options = {"INTERNAL"}
 
-    use_thread: BoolProperty(options={"SKIP_SAVE", "HIDDEN"})  # type: ignore[valid-type]
+    use_thread: BoolProperty(options={"SKIP_SAVE", "HIDDEN"})
 
-    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[OperatorReturnItems]:
         """From a button: in a worker thread."""
         self.use_thread = True
         return self.execute(context)
 
-    def execute(self, context: bpy.types.Context) -> set[str]:
+    def execute(self, context: bpy.types.Context) -> set[OperatorReturnItems]:
         """Ask ``/healthz`` and ``/api/me``."""
         try:
             server = server_url(context)
@@ -345,13 +350,12 @@ def save_copy() -> tuple[Path, Path, str]:
     return copy, tmp, main_name
 
 
-def _report_submission(sub: Submission, context_wm: Any) -> None:
+def _report_submission(sub: Submission) -> None:
     if sub.stage == "submitted":
         report("INFO", sub.text)
-        try:
-            context_wm.render_farm.last_job_id = sub.job_id
-        except (AttributeError, ReferenceError):
-            pass
+        wm_farm = session(bpy.context)
+        if wm_farm is not None:
+            wm_farm.last_job_id = sub.job_id
         watch_job(bpy.context, sub.job_id)
     elif sub.stage == "canceled":
         report("WARNING", sub.text)
@@ -369,24 +373,24 @@ class RENDERFARM_OT_submit(bpy.types.Operator):
     bl_label = "Render on Farm"
     bl_options = {"REGISTER"}
 
-    project: StringProperty(name="Project", options={"SKIP_SAVE"})  # type: ignore[valid-type]
-    frames: StringProperty(name="Frames", description="Frame spec; empty: the panel's", options={"SKIP_SAVE"})  # type: ignore[valid-type]
-    chunk_size: IntProperty(name="Chunk Size", min=1, max=10000, default=1, options={"SKIP_SAVE"})  # type: ignore[valid-type]
-    priority: IntProperty(name="Priority", min=-100, max=100, options={"SKIP_SAVE"})  # type: ignore[valid-type]
-    device: EnumProperty(name="Device", items=DEVICES, default="ANY", options={"SKIP_SAVE"})  # type: ignore[valid-type]
-    samples: IntProperty(name="Samples", min=0, max=1_000_000, options={"SKIP_SAVE"})  # type: ignore[valid-type]
-    output_format: EnumProperty(name="Format", items=FORMATS, default="PNG", options={"SKIP_SAVE"})  # type: ignore[valid-type]
-    allow_missing: BoolProperty(name="Allow Missing Files", options={"SKIP_SAVE"})  # type: ignore[valid-type]
-    wait: BoolProperty(  # type: ignore[valid-type]
+    project: StringProperty(name="Project", options={"SKIP_SAVE"})
+    frames: StringProperty(name="Frames", description="Frame spec; empty: the panel's", options={"SKIP_SAVE"})
+    chunk_size: IntProperty(name="Chunk Size", min=1, max=10000, default=1, options={"SKIP_SAVE"})
+    priority: IntProperty(name="Priority", min=-100, max=100, options={"SKIP_SAVE"})
+    device: EnumProperty(name="Device", items=DEVICES, default="ANY", options={"SKIP_SAVE"})
+    samples: IntProperty(name="Samples", min=0, max=1_000_000, options={"SKIP_SAVE"})
+    output_format: EnumProperty(name="Format", items=FORMATS, default="PNG", options={"SKIP_SAVE"})
+    allow_missing: BoolProperty(name="Allow Missing Files", options={"SKIP_SAVE"})
+    wait: BoolProperty(
         name="Wait", description="Scripts: return only when the job has finished", options={"SKIP_SAVE"}
     )
-    download: BoolProperty(  # type: ignore[valid-type]
+    download: BoolProperty(
         name="Download",
         description="Scripts, with wait: download the frames when the job completes",
         options={"SKIP_SAVE"},
     )
-    download_dir: StringProperty(name="Download To", subtype="DIR_PATH", options={"SKIP_SAVE"})  # type: ignore[valid-type]
-    poll_interval: FloatProperty(  # type: ignore[valid-type]
+    download_dir: StringProperty(name="Download To", subtype="DIR_PATH", options={"SKIP_SAVE"})
+    poll_interval: FloatProperty(
         name="Poll Interval",
         description="Seconds between checks while waiting",
         default=2.0,
@@ -394,7 +398,7 @@ class RENDERFARM_OT_submit(bpy.types.Operator):
         max=60.0,
         options={"SKIP_SAVE"},
     )
-    asynchronous: BoolProperty(  # type: ignore[valid-type]
+    asynchronous: BoolProperty(
         name="Asynchronous",
         description="Pack and upload in worker threads and return at once, as the panel's button does "
         "(the panel shows progress; wait and download are ignored)",
@@ -412,7 +416,9 @@ class RENDERFARM_OT_submit(bpy.types.Operator):
     def _params(self, context: bpy.types.Context) -> tuple[str, str, str, dict[str, Any]]:
         """``(server, token, project, job fields)``; raises FarmError or ValueError."""
         scene = context.scene
-        settings = scene.render_farm  # type: ignore[attr-defined]
+        if scene is None:
+            raise ValueError("there is no scene to render")
+        settings = scene_settings(context)
         server = server_url(context)
         entry = token_store().get(server)
         if not entry:
@@ -438,12 +444,12 @@ class RENDERFARM_OT_submit(bpy.types.Operator):
         }
         return server, str(entry["token"]), project, job
 
-    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[OperatorReturnItems]:
         """From the panel: the work goes to a worker thread; the panel shows its progress."""
         self.asynchronous = True
         return self.execute(context)
 
-    def execute(self, context: bpy.types.Context) -> set[str]:
+    def execute(self, context: bpy.types.Context) -> set[OperatorReturnItems]:
         """Save a copy, then pack, upload and create the job (inline, or in a thread from the panel)."""
         try:
             server, token, project, job = self._params(context)
@@ -467,11 +473,10 @@ class RENDERFARM_OT_submit(bpy.types.Operator):
             remove_blend=True,
         )
         if self.asynchronous:
-            wm = context.window_manager
 
             def run() -> None:
                 worker.submit(sub, params, post)
-                post(_report_submission, sub, wm)
+                post(_report_submission, sub)
 
             _thread(run)
             sub.stage, sub.text = "packing", "Packing"
@@ -481,16 +486,17 @@ class RENDERFARM_OT_submit(bpy.types.Operator):
             if sub.stage == "missing":
                 return _fail(self, sub.text + " (allow_missing=True submits anyway)")
             return _fail(self, sub.text)
-        wm_farm = context.window_manager.render_farm  # type: ignore[attr-defined]
-        wm_farm.last_job_id = sub.job_id
+        wm_farm = session(context)
+        if wm_farm is not None:
+            wm_farm.last_job_id = sub.job_id
         self.report({"INFO"}, sub.text)
         if not self.wait:
             return {"FINISHED"}
         return self._wait(context, sub.job_id)
 
-    def _wait(self, context: bpy.types.Context, job_id: str) -> set[str]:
+    def _wait(self, context: bpy.types.Context, job_id: str) -> set[OperatorReturnItems]:
         """Scripts: poll until the job ends, then download its frames if asked."""
-        wm_farm = context.window_manager.render_farm  # type: ignore[attr-defined]
+        wm_farm = session(context)
         client = _client(context)
         seen: set[int] = set()
         while True:
@@ -503,7 +509,8 @@ class RENDERFARM_OT_submit(bpy.types.Operator):
                 print(f"render farm: {exc}; trying again")  # an unreachable farm: keep waiting
             time.sleep(self.poll_interval)
         view = FARM.view(job_id)
-        wm_farm.last_state = view.state
+        if wm_farm is not None:
+            wm_farm.last_state = view.state
         if view.state != "completed":
             return _fail(self, f"job {job_id} {view.state}: {view.summary.get('message', '')}")
         if self.download:
@@ -512,7 +519,8 @@ class RENDERFARM_OT_submit(bpy.types.Operator):
                 worker.download(client, job_id, dest, _direct)
             except (FarmError, OSError, ValueError) as exc:
                 return _fail(self, exc if isinstance(exc, FarmError) else f"download failed: {exc}")
-            wm_farm.last_download_dir = str(dest)
+            if wm_farm is not None:
+                wm_farm.last_download_dir = str(dest)
         self.report({"INFO"}, f"job {job_id} completed")
         return {"FINISHED"}
 
@@ -524,7 +532,7 @@ class RENDERFARM_OT_cancel_submission(bpy.types.Operator):
     bl_label = "Cancel Submission"
     bl_options = {"INTERNAL"}
 
-    def execute(self, context: bpy.types.Context) -> set[str]:
+    def execute(self, context: bpy.types.Context) -> set[OperatorReturnItems]:
         """Ask the worker to stop at its next block."""
         if FARM.submission and FARM.submission.busy:
             FARM.submission.cancel.set()
@@ -540,7 +548,7 @@ def download_folder(context: bpy.types.Context, job_id: str, folder: str = "") -
     Raises:
         ValueError: the folder is relative (``//``) to a file never saved.
     """
-    raw = folder or context.scene.render_farm.download_dir or "//render_farm/"  # type: ignore[attr-defined]
+    raw = folder or scene_settings(context).download_dir or "//render_farm/"
     if raw.startswith("//") and not bpy.data.filepath:
         raise ValueError(
             "the file was never saved, so //render_farm/ has no place: save it, or set "
@@ -561,9 +569,9 @@ class RENDERFARM_OT_show_job(bpy.types.Operator):
     bl_label = "Show Job"
     bl_options = {"INTERNAL"}
 
-    job_id: StringProperty(options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    job_id: StringProperty(options={"SKIP_SAVE"})
 
-    def execute(self, context: bpy.types.Context) -> set[str]:
+    def execute(self, context: bpy.types.Context) -> set[OperatorReturnItems]:
         """Start polling it."""
         if not self.job_id:
             return {"CANCELLED"}
@@ -578,7 +586,7 @@ class RENDERFARM_OT_refresh_jobs(bpy.types.Operator):
     bl_label = "Refresh Jobs"
     bl_options = {"INTERNAL"}
 
-    def execute(self, context: bpy.types.Context) -> set[str]:
+    def execute(self, context: bpy.types.Context) -> set[OperatorReturnItems]:
         """In a worker thread."""
         try:
             client = _client(context)
@@ -612,15 +620,16 @@ class RENDERFARM_OT_cancel_job(bpy.types.Operator):
     bl_idname = "render_farm.cancel_job"
     bl_label = "Cancel Job"
 
-    job_id: StringProperty(options={"SKIP_SAVE"})  # type: ignore[valid-type]
-    use_thread: BoolProperty(options={"SKIP_SAVE", "HIDDEN"})  # type: ignore[valid-type]
+    job_id: StringProperty(options={"SKIP_SAVE"})
+    use_thread: BoolProperty(options={"SKIP_SAVE", "HIDDEN"})
 
-    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[OperatorReturnItems]:
         """Confirm first."""
         self.use_thread = True
+        assert context.window_manager is not None
         return context.window_manager.invoke_confirm(self, event)
 
-    def execute(self, context: bpy.types.Context) -> set[str]:
+    def execute(self, context: bpy.types.Context) -> set[OperatorReturnItems]:
         """Ask the farm to cancel it."""
         job_id = _job_id(self)
         if not job_id:
@@ -671,16 +680,16 @@ class RENDERFARM_OT_download(bpy.types.Operator):
     bl_idname = "render_farm.download"
     bl_label = "Download Frames"
 
-    job_id: StringProperty(options={"SKIP_SAVE"})  # type: ignore[valid-type]
-    directory: StringProperty(subtype="DIR_PATH", options={"SKIP_SAVE"})  # type: ignore[valid-type]
-    use_thread: BoolProperty(options={"SKIP_SAVE", "HIDDEN"})  # type: ignore[valid-type]
+    job_id: StringProperty(options={"SKIP_SAVE"})
+    directory: StringProperty(subtype="DIR_PATH", options={"SKIP_SAVE"})
+    use_thread: BoolProperty(options={"SKIP_SAVE", "HIDDEN"})
 
-    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[OperatorReturnItems]:
         """From a button: in a worker thread."""
         self.use_thread = True
         return self.execute(context)
 
-    def execute(self, context: bpy.types.Context) -> set[str]:
+    def execute(self, context: bpy.types.Context) -> set[OperatorReturnItems]:
         """Download (inline from a script)."""
         job_id = _job_id(self)
         if not job_id:
@@ -702,7 +711,9 @@ class RENDERFARM_OT_download(bpy.types.Operator):
             return _fail(self, exc)
         except OSError as exc:
             return _fail(self, f"cannot write {dest}: {exc}")
-        context.window_manager.render_farm.last_download_dir = str(dest)  # type: ignore[attr-defined]
+        wm_farm = session(context)
+        if wm_farm is not None:
+            wm_farm.last_download_dir = str(dest)
         self.report({"INFO"}, f"downloaded {len(paths)} frames into {dest}")
         return {"FINISHED"}
 
@@ -713,6 +724,8 @@ def open_in_image_editor(path: str) -> bpy.types.Image:
     img = bpy.data.images.load(path, check_existing=True)
     img.reload()
     wm = bpy.context.window_manager
+    if wm is None:
+        return img
     for window in wm.windows:
         for area in window.screen.areas:
             if area.type == "IMAGE_EDITOR":
@@ -736,18 +749,18 @@ class RENDERFARM_OT_open_image(bpy.types.Operator):
     bl_idname = "render_farm.open_image"
     bl_label = "Open in Image Editor"
 
-    job_id: StringProperty(options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    job_id: StringProperty(options={"SKIP_SAVE"})
     frame: IntProperty(
         name="Frame", description="The frame; unset: the latest finished", options={"SKIP_SAVE"}
-    )  # type: ignore[valid-type]
-    use_thread: BoolProperty(options={"SKIP_SAVE", "HIDDEN"})  # type: ignore[valid-type]
+    )
+    use_thread: BoolProperty(options={"SKIP_SAVE", "HIDDEN"})
 
-    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[OperatorReturnItems]:
         """From a button: a download, if needed, runs in a worker thread."""
         self.use_thread = True
         return self.execute(context)
 
-    def execute(self, context: bpy.types.Context) -> set[str]:
+    def execute(self, context: bpy.types.Context) -> set[OperatorReturnItems]:
         """Open it (downloading inline from a script)."""
         job_id = _job_id(self)
         view = FARM.view(job_id) if job_id else None
@@ -783,10 +796,10 @@ class RENDERFARM_OT_report(bpy.types.Operator):
     bl_label = "Render Farm Report"
     bl_options = {"INTERNAL"}
 
-    level: StringProperty(default="INFO", options={"SKIP_SAVE"})  # type: ignore[valid-type]
-    message: StringProperty(options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    level: StringProperty(default="INFO", options={"SKIP_SAVE"})
+    message: StringProperty(options={"SKIP_SAVE"})
 
-    def execute(self, context: bpy.types.Context) -> set[str]:
+    def execute(self, context: bpy.types.Context) -> set[OperatorReturnItems]:
         """Report ``message`` at ``level``."""
         self.report({self.level if self.level in ("INFO", "WARNING", "ERROR") else "INFO"}, self.message)
         return {"FINISHED"}

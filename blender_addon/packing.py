@@ -22,6 +22,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 OUTSIDE = "_outside_project"
 """Folder of the pack that holds files from outside the project (BAT's name)."""
@@ -96,15 +97,15 @@ class PackResult:
     size_bytes: int = 0
 
 
-def _callback(progress: StageProgress | None, cancelled: Callable[[], bool] | None, packer: object) -> object:
+def _callback(progress: StageProgress | None, cancelled: Callable[[], bool] | None, packer: Any) -> Any:
     from blender_asset_tracer.pack import progress as bat_progress
 
-    class Cb(bat_progress.Callback):  # type: ignore[misc]
+    class Cb(bat_progress.Callback):
         found = 0
 
         def _check(self) -> None:
             if cancelled and cancelled():
-                packer.abort("canceled")  # type: ignore[attr-defined]
+                packer.abort("canceled")
 
         def trace_blendfile(self, filename: pathlib.Path) -> None:
             self.found += 1

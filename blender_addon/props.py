@@ -41,6 +41,7 @@ def token_store() -> credentials.TokenStore:
 def prefs(context: bpy.types.Context | None = None) -> RenderFarmPreferences:
     """This add-on's preferences."""
     ctx = context or bpy.context
+    assert ctx.preferences is not None
     return ctx.preferences.addons[PACKAGE].preferences  # type: ignore[return-value]
 
 
@@ -74,13 +75,13 @@ class RenderFarmPreferences(bpy.types.AddonPreferences):
 
     bl_idname = PACKAGE
 
-    server_url: StringProperty(  # type: ignore[valid-type]
+    server_url: StringProperty(
         name="Server URL",
         description="The farm's address, such as http://farm.studio.lan:3000",
         default="http://127.0.0.1:3000",
     )
-    username: StringProperty(name="User Name", description="Your farm user name")  # type: ignore[valid-type]
-    default_project: StringProperty(  # type: ignore[valid-type]
+    username: StringProperty(name="User Name", description="Your farm user name")
+    default_project: StringProperty(
         name="Default Project",
         description="The project new scenes submit to (empty: your only project)",
         search=_project_search,
@@ -114,39 +115,35 @@ class RenderFarmPreferences(bpy.types.AddonPreferences):
 class RenderFarmSceneSettings(bpy.types.PropertyGroup):
     """The Render Farm panel's settings, saved with the scene."""
 
-    project: StringProperty(  # type: ignore[valid-type]
+    project: StringProperty(
         name="Project",
         description="Project to submit to (empty: the preferences' default project)",
         search=_project_search,
     )
-    use_scene_frames: BoolProperty(  # type: ignore[valid-type]
+    use_scene_frames: BoolProperty(
         name="Scene Frame Range", description="Render the scene's frame range and step", default=True
     )
-    frames: StringProperty(  # type: ignore[valid-type]
+    frames: StringProperty(
         name="Frames", description="Frames to render: 1-10, 1-10,20-25, 1-99x2 (every 2nd), -5-5", default="1"
     )
-    chunk_size: IntProperty(  # type: ignore[valid-type]
-        name="Chunk Size", description="Frames per task", default=1, min=1, max=10000
-    )
-    priority: IntProperty(  # type: ignore[valid-type]
-        name="Priority", description="Higher renders first", default=0, min=-100, max=100
-    )
-    device: EnumProperty(name="Device", items=DEVICES, default="ANY")  # type: ignore[valid-type]
-    samples: IntProperty(  # type: ignore[valid-type]
+    chunk_size: IntProperty(name="Chunk Size", description="Frames per task", default=1, min=1, max=10000)
+    priority: IntProperty(name="Priority", description="Higher renders first", default=0, min=-100, max=100)
+    device: EnumProperty(name="Device", items=DEVICES, default="ANY")
+    samples: IntProperty(
         name="Samples",
         description="Override the render samples (0: the scene's own)",
         default=0,
         min=0,
         max=1_000_000,
     )
-    output_format: EnumProperty(name="Format", items=FORMATS, default="PNG")  # type: ignore[valid-type]
-    allow_missing: BoolProperty(  # type: ignore[valid-type]
+    output_format: EnumProperty(name="Format", items=FORMATS, default="PNG")
+    allow_missing: BoolProperty(
         name="Allow Missing Files",
         description="Submit even though files the scene uses are missing (they render as Blender shows "
         "missing files)",
         default=False,
     )
-    download_dir: StringProperty(  # type: ignore[valid-type]
+    download_dir: StringProperty(
         name="Download To",
         description="Folder frames download into, one sub-folder per job",
         default="//render_farm/",
@@ -157,20 +154,37 @@ class RenderFarmSceneSettings(bpy.types.PropertyGroup):
 class RenderFarmSession(bpy.types.PropertyGroup):
     """Results scripts can read after ``bpy.ops.render_farm.submit`` (window manager, not saved)."""
 
-    last_job_id: StringProperty(name="Last Job", description="The job the last submission created")  # type: ignore[valid-type]
-    last_state: StringProperty(name="Last State", description="That job's state when last seen")  # type: ignore[valid-type]
-    last_download_dir: StringProperty(name="Last Download Folder", subtype="DIR_PATH")  # type: ignore[valid-type]
+    last_job_id: StringProperty(name="Last Job", description="The job the last submission created")
+    last_state: StringProperty(name="Last State", description="That job's state when last seen")
+    last_download_dir: StringProperty(name="Last Download Folder", subtype="DIR_PATH")
 
 
 CLASSES = (RenderFarmPreferences, RenderFarmSceneSettings, RenderFarmSession)
+
+
+def scene_settings(context: bpy.types.Context) -> RenderFarmSceneSettings:
+    """The Render Farm panel's settings of the context's scene.
+
+    Raises:
+        FarmError: (``refused``) there is no scene.
+    """
+    if context.scene is None:
+        raise FarmError("refused", "there is no scene to render")
+    return context.scene.render_farm  # type: ignore[attr-defined]
+
+
+def session(context: bpy.types.Context) -> RenderFarmSession | None:
+    """``window_manager.render_farm`` (what scripts read after a submission), if there is a window manager."""
+    wm = context.window_manager
+    return wm.render_farm if wm is not None else None  # type: ignore[attr-defined]
 
 
 def register() -> None:
     """Register the classes and the ``scene.render_farm`` / ``window_manager.render_farm`` pointers."""
     for cls in CLASSES:
         bpy.utils.register_class(cls)
-    bpy.types.Scene.render_farm = PointerProperty(type=RenderFarmSceneSettings)  # type: ignore[attr-defined]
-    bpy.types.WindowManager.render_farm = PointerProperty(type=RenderFarmSession)  # type: ignore[attr-defined]
+    bpy.types.Scene.render_farm = PointerProperty(type=RenderFarmSceneSettings)  # type: ignore[attr-defined,func-returns-value]
+    bpy.types.WindowManager.render_farm = PointerProperty(type=RenderFarmSession)  # type: ignore[attr-defined,func-returns-value]
 
 
 def unregister() -> None:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import bpy
 
 from . import previews
-from .props import login_entry
+from .props import login_entry, scene_settings
 from .state import FARM, JobView, frame_ranges
 
-STATE_ICONS = {
+if TYPE_CHECKING:
+    from bpy.stub_internal.rna_enums import IconItems
+
+STATE_ICONS: dict[str, IconItems] = {
     "done": "CHECKMARK",
     "completed": "CHECKMARK",
     "rendering": "RENDER_ANIMATION",
@@ -32,10 +37,12 @@ class RENDERFARM_PT_render_farm(bpy.types.Panel):
 
     def draw(self, context: bpy.types.Context) -> None:
         """Login state, the submission's settings, the button and the submission's progress."""
-        layout = self.layout
+        layout, scene = self.layout, context.scene
+        if layout is None or scene is None:
+            return
         layout.use_property_split = True
         layout.use_property_decorate = False
-        settings = context.scene.render_farm  # type: ignore[attr-defined]
+        settings = scene_settings(context)
         entry = login_entry(context)
         if FARM.auth_error or not entry:
             box = layout.box()
@@ -45,7 +52,6 @@ class RENDERFARM_PT_render_farm(bpy.types.Panel):
         layout.prop(settings, "use_scene_frames")
         row = layout.row()
         if settings.use_scene_frames:
-            scene = context.scene
             row.label(
                 text=f"Frames {scene.frame_start}-{scene.frame_end}"
                 + (f" step {scene.frame_step}" if scene.frame_step > 1 else "")
@@ -72,12 +78,12 @@ class RENDERFARM_PT_render_farm(bpy.types.Panel):
             row.progress(factor=sub.progress, text=sub.text or sub.stage.title())
             row.operator("render_farm.cancel_submission", text="", icon="X")
             return
-        icon = {"submitted": "CHECKMARK", "canceled": "CANCEL"}.get(sub.stage, "ERROR")
+        icon: IconItems = {"submitted": "CHECKMARK", "canceled": "CANCEL"}.get(sub.stage, "ERROR")  # type: ignore[assignment]
         for i, line in enumerate(_wrap(sub.text, 60)):
             col.label(text=line, icon=icon if i == 0 else "BLANK1")
         if sub.stage == "missing":
             for path in sub.missing[:10]:
-                col.label(text=path, icon="FILE_BROKEN")
+                col.label(text=path, icon="LIBRARY_DATA_BROKEN")
             if len(sub.missing) > 10:
                 col.label(text=f"... and {len(sub.missing) - 10} more")
             col.label(text="Tick Allow Missing Files to submit anyway", icon="INFO")
@@ -153,7 +159,8 @@ class RENDERFARM_PT_job(bpy.types.Panel):
 
     def draw(self, context: bpy.types.Context) -> None:
         """See :func:`draw_job`."""
-        draw_job(self.layout, FARM.view(FARM.active_job))
+        if self.layout is not None:
+            draw_job(self.layout, FARM.view(FARM.active_job))
 
 
 class RENDERFARM_PT_recent(bpy.types.Panel):
@@ -170,6 +177,8 @@ class RENDERFARM_PT_recent(bpy.types.Panel):
     def draw(self, context: bpy.types.Context) -> None:
         """A refresh button and one row per job (a button shows it above)."""
         layout = self.layout
+        if layout is None:
+            return
         layout.operator("render_farm.refresh_jobs", icon="FILE_REFRESH")
         if FARM.recent_error:
             layout.label(text=FARM.recent_error, icon="ERROR")

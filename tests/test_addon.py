@@ -161,7 +161,8 @@ async def test_a_scene_linking_a_library_renders_on_the_farm_from_a_script(
     for f in frames:
         with Image.open(f) as im:
             assert im.size == (64, 48)
-            assert len(set(im.convert("L").getdata())) > 4  # the cube, not an empty frame
+            low, high = im.convert("L").getextrema()
+            assert high - low > 10  # the cube, not an empty frame
     assert r["frame_states"] == {"1": "done", "2": "done"}
     assert r["thumbnail_frame"] in (1, 2) and Path(r["thumbnail"]).is_file()
 
