@@ -882,6 +882,6 @@ from cli.db_cmd import db as _db_group  # noqa: E402  (renderfarm db upgrade|cur
 
 main.add_command(_db_group)
 
-import cli.accounts  # noqa: E402, F401  (registers login, logout, whoami, user, project, token, audit)
-from cli import nodes_cmd  # noqa: E402, F401  (registers agents, blocklist)
-from cli import addon_cmd  # noqa: E402, F401  (registers addon build)
+import cli.accounts  # noqa: E402  (registers login, logout, whoami, user, project, token, audit)
+import cli.addon_cmd  # noqa: E402  (registers addon build)
+import cli.nodes_cmd  # noqa: E402, F401  (registers agents, blocklist)

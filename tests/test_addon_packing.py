@@ -34,7 +34,7 @@ def original_deps(blend: Path) -> tuple[set[str], set[str]]:
 def test_every_dependency_is_packed_or_reported_missing(name: str, tmp_path: Path) -> None:
     blend = REAL / name
     if name in UNREADABLE:
-        with pytest.raises(packing.PackError, match="not a .blend file BAT can read"):
+        with pytest.raises(packing.PackError, match=r"not a \.blend file BAT can read"):
             packing.pack_scene(blend, blend.parent, tmp_path)
         assert not list(tmp_path.glob("*.zip"))
         return
@@ -45,7 +45,9 @@ def test_every_dependency_is_packed_or_reported_missing(name: str, tmp_path: Pat
     except packing.MissingFiles as exc:
         reported = exc.missing
         assert reported and not list((tmp_path / "strict").glob("*.zip"))  # nothing to upload
-    result = packing.pack_scene(blend, project, tmp_path / "allowed", allow_missing=True, main_name=blend.name)
+    result = packing.pack_scene(
+        blend, project, tmp_path / "allowed", allow_missing=True, main_name=blend.name
+    )
     assert result.missing == reported
     assert result.main == blend.name
     assert sorted(zipfile.ZipFile(result.zip_path).namelist()) == result.files
