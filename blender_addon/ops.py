@@ -69,6 +69,20 @@ def thumb_dir(job_id: str) -> Path:
     return user_folder() / "thumbnails" / "".join(c for c in job_id if c.isalnum() or c in "-_")
 
 
+KEEP_THUMBNAILS = 20
+"""Jobs whose thumbnails stay on disk (the most recently watched)."""
+
+
+def prune_thumbnails(keep: int = KEEP_THUMBNAILS) -> None:
+    """Delete the thumbnail folders of all but the ``keep`` most recently used jobs."""
+    root = user_folder() / "thumbnails"
+    if not root.is_dir():
+        return
+    folders = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in folders[keep:]:
+        packing.remove_quietly(old)
+
+
 def watch_job(context: bpy.types.Context, job_id: str) -> None:
     """Show ``job_id`` in the panel and poll it in a worker thread (one watched job at a time)."""
     FARM.active_job = job_id
@@ -84,6 +98,7 @@ def watch_job(context: bpy.types.Context, job_id: str) -> None:
     except FarmError as exc:
         FARM.view(job_id).error = worker._farm_message(exc)
         return
+    prune_thumbnails()
     stop = threading.Event()
     _watchers[job_id] = stop
     _thread(worker.watch, client, job_id, thumb_dir(job_id), stop, post)
@@ -315,7 +330,7 @@ def scene_frames(scene: bpy.types.Scene) -> str:
     )
 
 
-def save_copy() -> tuple[Path, Path, str]:
+def save_copy() -> tuple[Path, Path, str, Path]:
     """Save the open scene, unsaved changes included, as a temporary copy (main thread only).
 
     The copy goes next to the artist's file (a hidden name), so the relative paths written in it
@@ -324,7 +339,8 @@ def save_copy() -> tuple[Path, Path, str]:
     never saved, the copy goes to a temporary folder with its relative paths remapped.
 
     Returns:
-        ``(copy, project_root, main_name)``.
+        ``(copy, project_root, main_name, cleanup)``: ``cleanup`` is what to delete once packed
+        (the copy, or the temporary folder holding it).
 
     Raises:
         RuntimeError: Blender could not save the copy anywhere.
@@ -339,15 +355,19 @@ def save_copy() -> tuple[Path, Path, str]:
             bpy.ops.wm.save_as_mainfile(
                 filepath=str(copy), copy=True, check_existing=False, relative_remap=False, compress=False
             )
-            return copy, folder, main_name
+            return copy, folder, main_name, copy
         except RuntimeError:
             packing.remove_quietly(copy)  # a read-only folder: fall through to a temporary one
     tmp = Path(tempfile.mkdtemp(prefix="renderfarm-copy-"))
     copy = tmp / main_name
-    bpy.ops.wm.save_as_mainfile(
-        filepath=str(copy), copy=True, check_existing=False, relative_remap=True, compress=False
-    )
-    return copy, tmp, main_name
+    try:
+        bpy.ops.wm.save_as_mainfile(
+            filepath=str(copy), copy=True, check_existing=False, relative_remap=True, compress=False
+        )
+    except RuntimeError:
+        packing.remove_quietly(tmp)
+        raise
+    return copy, tmp, main_name, tmp
 
 
 def _report_submission(sub: Submission) -> None:
@@ -390,6 +410,13 @@ class RENDERFARM_OT_submit(bpy.types.Operator):
         options={"SKIP_SAVE"},
     )
     download_dir: StringProperty(name="Download To", subtype="DIR_PATH", options={"SKIP_SAVE"})
+    unreachable_timeout: FloatProperty(
+        name="Unreachable Timeout",
+        description="Scripts, with wait: seconds the farm may stay unreachable before the wait gives up",
+        default=300.0,
+        min=1.0,
+        options={"SKIP_SAVE"},
+    )
     poll_interval: FloatProperty(
         name="Poll Interval",
         description="Seconds between checks while waiting",
@@ -458,7 +485,7 @@ class RENDERFARM_OT_submit(bpy.types.Operator):
         sub = Submission(text="Saving a copy of the scene")
         FARM.submission = sub
         try:
-            copy, root, main_name = save_copy()
+            copy, root, main_name, cleanup = save_copy()
         except RuntimeError as exc:
             sub.stage, sub.text = "failed", f"cannot save a copy of the scene: {exc}"
             return _fail(self, sub.text)
@@ -470,7 +497,7 @@ class RENDERFARM_OT_submit(bpy.types.Operator):
             blend=copy,
             project_root=root,
             main_name=main_name,
-            remove_blend=True,
+            cleanup=cleanup,
         )
         if self.asynchronous:
 
@@ -499,14 +526,23 @@ class RENDERFARM_OT_submit(bpy.types.Operator):
         wm_farm = session(context)
         client = _client(context)
         seen: set[int] = set()
+        failing_since: float | None = None
         while True:
             try:
                 if worker.poll_once(client, job_id, seen, thumb_dir(job_id), _direct):
                     break
+                failing_since = None
             except FarmError as exc:
                 if exc.kind == "auth" or exc.kind == "refused":
                     return _fail(self, exc)
-                print(f"render farm: {exc}; trying again")  # an unreachable farm: keep waiting
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > self.unreachable_timeout:
+                    return _fail(
+                        self,
+                        f"gave up waiting for job {job_id} after {self.unreachable_timeout:g} s without an "
+                        f"answer ({exc}); the job itself goes on: `renderfarm status {job_id}`",
+                    )
+                print(f"render farm: {exc}; trying again")  # a farm restarting: keep waiting a while
             time.sleep(self.poll_interval)
         view = FARM.view(job_id)
         if wm_farm is not None:

@@ -42,7 +42,7 @@ class SubmitParams:
         blend: the saved copy of the scene, inside ``project_root``.
         project_root: the folder whose files keep their relative place in the pack.
         main_name: the artist's file name, given to the main .blend inside the pack.
-        remove_blend: delete ``blend`` once packed (it is a temporary copy).
+        cleanup: what to delete once packed (the temporary copy, or the folder holding it).
     """
 
     server: str
@@ -52,7 +52,7 @@ class SubmitParams:
     blend: Path
     project_root: Path
     main_name: str
-    remove_blend: bool = True
+    cleanup: Path | None = None
 
 
 def submit(sub: Submission, p: SubmitParams, notify: Notify) -> None:
@@ -93,8 +93,8 @@ def submit(sub: Submission, p: SubmitParams, notify: Notify) -> None:
                 cancelled=sub.cancel.is_set,
             )
         finally:
-            if p.remove_blend:
-                packing.remove_quietly(p.blend)
+            if p.cleanup is not None:
+                packing.remove_quietly(p.cleanup)
         client = FarmClient(p.server, p.token)
         stage("uploading", 0.0, f"Uploading {_mib(packed.size_bytes)}", force=True)
         model = client.upload_model(

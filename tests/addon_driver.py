@@ -282,6 +282,30 @@ def main() -> None:
             linked=[o.name for o in dst.objects],
             leftovers=sorted(os.listdir(Path(args["blend"]).parent)),
         )
+    elif scenario == "unsaved":
+        bpy.ops.wm.read_homefile(use_empty=True)
+        mesh = bpy.data.meshes.new("Box")
+        mesh.from_pydata(
+            [(-1, -1, -1), (1, -1, -1), (1, 1, -1), (-1, 1, -1), (0, 0, 1)],
+            [],
+            [(0, 1, 2, 3), (0, 1, 4), (1, 2, 4), (2, 3, 4), (3, 0, 4)],
+        )
+        bpy.context.scene.collection.objects.link(bpy.data.objects.new("Box", mesh))
+        add_camera()
+        ok, err = submit(frames="1", samples=2, wait=True, poll_interval=0.3)
+        RESULT.update(
+            ok=ok,
+            error=err,
+            job_id=bpy.context.window_manager.render_farm.last_job_id,
+            state=bpy.context.window_manager.render_farm.last_state,
+            filepath=bpy.data.filepath,
+            dirty=bpy.data.is_dirty,
+        )
+        try:
+            bpy.ops.render_farm.download(job_id=RESULT["job_id"])
+            RESULT.update(download_ok=True, download_error="")
+        except RuntimeError as exc:
+            RESULT.update(download_ok=False, download_error=str(exc))
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     print("RESULT: " + json.dumps(RESULT), flush=True)

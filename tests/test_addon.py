@@ -59,6 +59,9 @@ async def drive(
     env = {k: v for k, v in os.environ.items() if not k.startswith("RENDERFARM_")}
     env["BLENDER_USER_RESOURCES"] = str(user)
     env["HOME"] = str(tmp_path / "home")
+    tmp = tmp_path / f"tmp-{scenario}"
+    tmp.mkdir()
+    env["TMPDIR"] = str(tmp)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         str(DRIVER),
@@ -90,6 +93,8 @@ async def drive(
     assert proc.returncode == 0, out[-6000:]
     results = [ln for ln in lines if ln.startswith("RESULT: ")]
     assert results, out[-6000:]
+    # no temporary copy, pack or download part is left behind
+    assert [p.name for p in tmp.iterdir() if p.name.startswith("renderfarm-")] == []
     return json.loads(results[-1][len("RESULT: ") :])
 
 
@@ -294,3 +299,17 @@ async def test_a_library_outside_the_project_is_packed_with_rewritten_paths(
     model = await farm.client._json("GET", f"/api/models/{job['model_id']}")
     (dep,) = [d for d in model["info"]["dependencies"] if d["kind"] == "library"]
     assert dep["path"].startswith("//_outside_project/") and not dep["missing"], dep
+
+
+async def test_a_never_saved_scene_is_submitted_from_a_temporary_copy(
+    farm: Farm, tmp_path: Path, addon_zip: Path
+) -> None:
+    name = await artist(farm)
+    r = await drive(tmp_path, addon_zip, "unsaved", server=farm.url, username=name, password=PASSWORD)
+    assert r["ok"], r["error"]
+    assert r["state"] == "completed"
+    assert r["filepath"] == "" and r["dirty"]
+    job = await farm.client.job(r["job_id"])
+    assert job["name"] == "Scene"
+    # downloading next to a file that was never saved has no place to go: said so, nothing written
+    assert not r["download_ok"] and "never saved" in r["download_error"]
