@@ -126,7 +126,8 @@ def draw_job(layout: bpy.types.UILayout, view: JobView) -> None:
     icon = previews.icon_id(view.thumbnail)
     if icon:
         col.template_icon(icon_value=icon, scale=8.0)
-        col.label(text=f"Frame {view.thumbnail_frame}")
+    if view.thumbnail_frame is not None:
+        col.label(text=f"Latest finished frame: {view.thumbnail_frame}", icon="IMAGE_DATA")
     row = col.row(align=True)
     op = row.operator("render_farm.download", text="Download", icon="IMPORT")
     op.job_id = view.job_id

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 USER = os.environ["BLENDER_USER_RESOURCES"]
 
@@ -96,6 +96,70 @@ def pump_until(addon: Any, cond: Any, timeout: float = 240.0) -> float:
     return time.monotonic() - t0
 
 
+class RecordingLayout:
+    """Stands in for a UILayout (background Blender has none) while the add-on's draw code runs:
+    every call is recorded and checked against Blender's own RNA: properties drawn must exist on
+    their data, operators must be registered, icons must be Blender's."""
+
+    ICONS: ClassVar[set[str]] = set(
+        bpy.types.UILayout.bl_rna.functions["label"].parameters["icon"].enum_items.keys()
+    )
+
+    def __init__(self, calls: list[str]) -> None:
+        object.__setattr__(self, "calls", calls)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        assert hasattr(bpy.types.UILayout, name) or name in bpy.types.UILayout.bl_rna.properties, name
+
+    def __getattr__(self, name: str) -> Any:
+        assert name in bpy.types.UILayout.bl_rna.functions, f"UILayout has no {name}()"
+        calls = self.calls
+
+        def call(*args: Any, **kw: Any) -> Any:
+            icon = kw.get("icon")
+            assert icon is None or icon in self.ICONS, f"no icon {icon!r}"
+            if name == "prop":
+                data, prop = args[0], args[1]
+                assert prop in data.bl_rna.properties, f"{type(data).__name__} has no property {prop}"
+            calls.append(f"{name}:{kw.get('text', args[1] if name == 'prop' else '')}")
+            if name == "operator":
+                group, op = args[0].split(".")
+                assert hasattr(getattr(bpy.ops, group), op), args[0]
+                return OperatorProperties(getattr(getattr(bpy.ops, group), op).get_rna_type())
+            return RecordingLayout(calls)
+
+        return call
+
+
+class OperatorProperties:
+    """What layout.operator() returns: setting a property the operator lacks fails."""
+
+    def __init__(self, rna: Any) -> None:
+        object.__setattr__(self, "rna", rna)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        assert name in self.rna.properties, f"{self.rna.identifier} has no property {name}"
+
+
+def draw_panels(addon: Any) -> list[str]:
+    """Run every panel's draw() with a RecordingLayout; returns what was drawn."""
+    calls: list[str] = []
+    for cls in addon.ui.CLASSES:
+        fake = type("FakePanel", (), {"layout": RecordingLayout(calls)})()
+        if not hasattr(cls, "poll") or cls.poll(bpy.context):
+            cls.draw(fake, bpy.context)
+    prefs = bpy.context.preferences.addons["bl_ext.user_default.render_farm"].preferences
+
+    class PrefsWithLayout:
+        layout = RecordingLayout(calls)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(prefs, name)
+
+    type(prefs).draw(PrefsWithLayout(), bpy.context)
+    return calls
+
+
 def main() -> None:
     zip_path, scenario, raw = sys.argv[1], sys.argv[2], sys.argv[3]
     args = json.loads(raw)
@@ -165,6 +229,7 @@ def main() -> None:
         # The panel's way: invoke -> worker threads -> bpy.app.timers' drain on the main thread.
         bpy.ops.wm.open_mainfile(filepath=args["blend"])
         add_camera()
+        RESULT["drawn_idle"] = draw_panels(addon)
         main_thread = threading.get_ident()
         settings = bpy.context.scene.render_farm
         settings.use_scene_frames = False
@@ -187,6 +252,7 @@ def main() -> None:
                 stages.append(sub.stage)
             return not sub.busy
 
+        RESULT["drawn_busy"] = draw_panels(addon)
         pump_until(addon, seen)
         RESULT.update(
             stages=stages,
@@ -221,6 +287,7 @@ def main() -> None:
         bpy.ops.render_farm.refresh_jobs()
         pump_until(addon, lambda: addon.state.FARM.recent or addon.state.FARM.recent_error)
         RESULT["recent"] = [j["id"] for j in addon.state.FARM.recent]
+        RESULT["drawn_done"] = draw_panels(addon)
         RESULT["panels"] = [
             c
             for c in ("RENDERFARM_PT_render_farm", "RENDERFARM_PT_job", "RENDERFARM_PT_recent")

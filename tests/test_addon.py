@@ -232,6 +232,26 @@ async def test_the_panel_path_works_off_the_main_thread(
     assert r["recent"] and r["recent"][0] == r["job_id"]
     assert r["panels"] == ["RENDERFARM_PT_render_farm", "RENDERFARM_PT_job", "RENDERFARM_PT_recent"]
     assert r["panel_context"] == "output"
+    # the panels' draw code ran in each state against Blender's RNA (properties, operators, icons)
+    assert "operator:Render on Farm" in r["drawn_idle"] and "prop:project" in r["drawn_idle"]
+    assert any(c.startswith("progress:") for c in r["drawn_busy"]), r["drawn_busy"]
+    done = r["drawn_done"]
+    assert {"operator:Download", "operator:Open in Image Editor", "operator:Cancel"} <= set(done), done
+    assert "label:Latest finished frame: 3" in done, done  # (the icon itself needs a UI: see above)
+    assert "label:3: done" in done, done
+
+
+def test_the_addon_passes_the_type_checker() -> None:
+    """mypy against fake-bpy-module's stubs of Blender 5.0 (pyproject's [tool.mypy])."""
+    res = subprocess.run(
+        [str(Path(sys.executable).with_name("mypy"))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "no issues found" in res.stdout
 
 
 async def test_errors_reach_the_artist(farm: Farm, tmp_path: Path, addon_zip: Path, corpus: Path) -> None:
