@@ -253,7 +253,7 @@ def main() -> None:
             return not sub.busy
 
         RESULT["drawn_busy"] = draw_panels(addon)
-        pump_until(addon, seen)
+        RESULT["submit_s"] = pump_until(addon, seen) + RESULT["invoke_s"]
         RESULT.update(
             stages=stages,
             stage=sub.stage,

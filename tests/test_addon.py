@@ -218,6 +218,7 @@ async def test_the_panel_path_works_off_the_main_thread(
         download=str(tmp_path / "dl"),
     )
     assert r["invoke"] == ["FINISHED"]
+    print(f"main thread held {r['invoke_s']:.3f} s of a {r['submit_s']:.2f} s submission")
     assert r["busy_after_invoke"], r  # the operator returned before the work was done
     assert r["stage"] == "submitted", r["text"]
     assert {"packing", "submitted"} <= set(r["stages"]), r["stages"]
