@@ -11,6 +11,8 @@ imported at module level, so the package's pure modules (:mod:`.client`, :mod:`.
 
 from __future__ import annotations
 
+import atexit
+
 _registered: list[object] = []
 
 
@@ -18,7 +20,7 @@ def register() -> None:
     """Register the preferences, panel and operators, and the timer that brings worker news."""
     import bpy
 
-    from . import ops, props, state, ui
+    from . import ops, packing, props, state, ui
 
     props.register()
     for cls in (*ops.CLASSES, *ui.CLASSES):
@@ -27,15 +29,20 @@ def register() -> None:
     state.on_redraw(ui.redraw_panels)
     bpy.app.timers.register(state.drain, first_interval=state.DRAIN_INTERVAL_S, persistent=True)
     _registered.append(state.drain)
+    atexit.register(packing.remove_pending)  # Blender quitting mid-submission leaves no temporary
 
 
 def unregister() -> None:
     """Stop polling, remove the timer, free thumbnails and unregister the classes."""
     import bpy
 
-    from . import ops, previews, props, state, ui
+    from . import ops, packing, previews, props, state, ui
 
     ops.stop_watching()
+    if state.FARM.submission is not None:
+        state.FARM.submission.cancel.set()  # a submission in progress stops at its next block
+    atexit.unregister(packing.remove_pending)
+    packing.remove_pending()
     if bpy.app.timers.is_registered(state.drain):
         bpy.app.timers.unregister(state.drain)
     state.set_reporter(None)

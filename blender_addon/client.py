@@ -10,9 +10,11 @@ is, naming the field) and ``server`` (5xx or an answer that is not the API's JSO
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import ssl
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -33,7 +35,8 @@ class FarmError(Exception):
     """A request that failed.
 
     Attributes:
-        kind: ``unreachable``, ``auth``, ``refused`` or ``server`` (see the module's doc).
+        kind: ``unreachable``, ``auth``, ``refused`` or ``server`` (see the module's doc), or
+            ``canceled`` (an upload the caller canceled).
         status: the HTTP status (0 when there was no answer).
         field: the request field the server named as wrong, if any.
     """
@@ -54,10 +57,34 @@ def normalise_server(url: str) -> str:
     url = url.strip()
     if url and "://" not in url:
         url = "http://" + url
+    bad = f"server URL {url!r} is not an http:// or https:// URL with a host (such as http://farm:3000)"
+    if any(c.isspace() or ord(c) < 32 for c in url):
+        raise FarmError("refused", f"{bad}: it contains spaces or control characters")
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise FarmError("refused", f"server URL {url!r} is not an http:// or https:// URL with a host")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
+    except ValueError:
+        raise FarmError("refused", f"{bad}: its port is not a number from 1 to 65535") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise FarmError("refused", bad)
     return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
+class _SameHostRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, but drops the ``Authorization`` header when one leads to another
+    host or scheme (urllib would otherwise send the token along)."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            old, nxt = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(new.full_url)
+            if (old.scheme, old.netloc) != (nxt.scheme, nxt.netloc):
+                new.remove_header("Authorization")
+                new.unredirected_hdrs.pop("Authorization", None)
+        return new
+
+
+_OPENER = urllib.request.build_opener(_SameHostRedirects)
 
 
 class _CountingReader:
@@ -72,7 +99,7 @@ class _CountingReader:
 
     def read(self, size: int = -1) -> bytes:
         if self.cancelled and self.cancelled():
-            raise FarmError("refused", "the upload was canceled")
+            raise FarmError("canceled", "the upload was canceled")
         data = self.fh.read(BLOCK if size is None or size < 0 else min(size, BLOCK))
         self.sent += len(data)
         if self.progress:
@@ -125,10 +152,19 @@ class FarmClient:
         h.update(headers or {})
         req = urllib.request.Request(url, data=body, headers=h, method=method)  # noqa: S310 (http(s) only)
         try:
-            return urllib.request.urlopen(req, timeout=self.timeout)  # noqa: S310 (http(s) only, checked)
+            return _OPENER.open(req, timeout=self.timeout)
         except urllib.error.HTTPError as exc:
             raise _http_error(exc) from None
-        except (TimeoutError, urllib.error.URLError, OSError, ssl.SSLError) as exc:
+        except FarmError:
+            raise  # the upload was canceled
+        except (
+            TimeoutError,
+            urllib.error.URLError,
+            OSError,
+            ssl.SSLError,
+            http.client.HTTPException,
+            ValueError,
+        ) as exc:
             reason = getattr(exc, "reason", exc)
             raise FarmError("unreachable", f"cannot reach the farm at {self.server}: {reason}") from None
 
@@ -251,24 +287,50 @@ class FarmClient:
         sha256: str | None = None,
         progress: Progress | None = None,
         total: int = 0,
+        max_bytes: int | None = None,
+        deadline_s: float | None = None,
     ) -> Path:
         """Fetch ``url`` (a signed link from :meth:`outputs`, or an API path) into ``dest``.
 
         The bytes go to ``dest.part`` first and are renamed into place once complete (and,
         given ``sha256``, checked), so ``dest`` is never a partial file.
 
+        Args:
+            max_bytes: refuse an answer longer than this many bytes (default: ``total`` when
+                given, as a frame's size is known; else no cap).
+            deadline_s: seconds the whole download may take (default: 120 s plus 1 s per MiB of
+                ``total``), so a server that trickles bytes cannot hold it for ever.
+
         Raises:
-            FarmError: the request failed, or (``server``) the bytes do not match ``sha256``.
+            FarmError: the request failed, took too long, sent more than ``max_bytes``, or
+                (``server``) the bytes do not match ``sha256``.
         """
         part = dest.with_name(dest.name + ".part")
         h = hashlib.sha256()
         done = 0
+        cap = max_bytes if max_bytes is not None else (total or None)
+        allowed_s = deadline_s if deadline_s is not None else 120 + total / (1 << 20)
+        deadline = time.monotonic() + allowed_s
         try:
             with self._open("GET", url, headers={"Accept": "*/*"}) as resp, open(part, "wb") as out:
-                while chunk := resp.read(BLOCK):
+                while True:
+                    try:
+                        chunk = resp.read1(BLOCK)
+                    except (OSError, http.client.HTTPException) as exc:
+                        raise FarmError(
+                            "unreachable", f"{dest.name}: the download was cut off: {exc}"
+                        ) from None
+                    if not chunk:
+                        break
+                    done += len(chunk)
+                    if cap is not None and done > cap:
+                        raise FarmError(
+                            "server", f"{dest.name}: the farm sent more than the {cap} bytes expected"
+                        )
+                    if time.monotonic() > deadline:
+                        raise FarmError("unreachable", f"{dest.name}: the download took too long; try again")
                     out.write(chunk)
                     h.update(chunk)
-                    done += len(chunk)
                     if progress:
                         progress(done, total)
             if sha256 and h.hexdigest() != sha256:

@@ -8,6 +8,7 @@ panel through :mod:`.state`. From a script (``bpy.ops.render_farm.submit(...)``,
 
 from __future__ import annotations
 
+import os
 import socket
 import tempfile
 import threading
@@ -38,9 +39,23 @@ def _direct(fn: Callable[..., Any], *args: Any) -> None:
 
 
 def _thread(target: Callable[..., Any], *args: Any) -> threading.Thread:
-    t = threading.Thread(target=target, args=args, daemon=True, name="render-farm")
+    """Run ``target(*args)`` in a daemon worker thread; an exception it lets out is reported to
+    the artist (on the main thread) instead of dying silently."""
+
+    def guarded() -> None:
+        try:
+            target(*args)
+        except Exception as exc:
+            post(_internal_error, f"{type(exc).__name__}: {exc}")
+
+    t = threading.Thread(target=guarded, daemon=True, name="render-farm")
     t.start()
     return t
+
+
+def _internal_error(text: str) -> None:
+    FARM.connection = f"Render Farm failed: {text}"
+    report("ERROR", FARM.connection)
 
 
 def _client(context: bpy.types.Context) -> FarmClient:
@@ -123,9 +138,13 @@ def _login(server: str, username: str, password: str) -> tuple[dict[str, Any], l
     old = store.get(server)
     c = FarmClient(server)
     session = c.login(username, password)
+    if not isinstance(session, dict) or not isinstance(session.get("access_token"), str):
+        raise FarmError("server", f"{server} does not answer like a renderfarm server (no access token)")
     c.token = session["access_token"]
     try:
         me = c.me()
+        if not isinstance(me, dict) or not isinstance(me.get("username"), str):
+            raise FarmError("server", f"{server} does not answer like a renderfarm server (no user)")
         created = c.create_token(f"Blender on {socket.gethostname()}"[:100], TOKEN_DAYS)
         try:
             store.put(
@@ -264,15 +283,28 @@ def _test_connection(server: str, token: str | None) -> tuple[str, str, list[str
     try:
         health = c.health()
     except FarmError as exc:
+        if exc.status:
+            return (
+                f"{server} answers HTTP {exc.status}, but not as a renderfarm server: is the URL right "
+                "(such as http://farm:3000, without /api)?",
+                "ERROR",
+                None,
+                False,
+            )
         return f"Cannot reach the farm: {exc}", "ERROR", None, False
+    if not isinstance(health, dict):
+        return f"{server} does not answer like a renderfarm server", "ERROR", None, False
     state = "healthy" if health.get("status") == "ok" else f"{health.get('status', 'degraded')}: {health}"
     if not token:
         return f"The farm at {server} answers ({state}); you are not logged in", "WARNING", None, False
     try:
         me = c.me()
+        projects = [str(p["name"]) for p in me.get("projects") or []]
+        me["username"]
     except FarmError as exc:
         return worker._farm_message(exc), "ERROR", None, exc.kind == "auth"
-    projects = [str(p["name"]) for p in me.get("projects") or []]
+    except (KeyError, TypeError, AttributeError):
+        return f"{server} does not answer like a renderfarm server", "ERROR", None, False
     return (
         f"Connected to {server} ({state}) as {me['username']}; projects: {', '.join(projects) or 'none'}",
         "INFO",
@@ -456,6 +488,7 @@ class RENDERFARM_OT_submit(bpy.types.Operator):
             frames = scene_frames(scene) if settings.use_scene_frames else settings.frames.strip()
         if not frames:
             raise ValueError("give the frames to render (1-10, 1-99x2 ...)")
+        worker.check_frames(frames)
         project = (self._value(settings, "project") or prefs(context).default_project).strip()
         samples = self._value(settings, "samples")
         job = {
@@ -482,13 +515,16 @@ class RENDERFARM_OT_submit(bpy.types.Operator):
             server, token, project, job = self._params(context)
         except (FarmError, ValueError) as exc:
             return _fail(self, exc if isinstance(exc, FarmError) else str(exc))
+        if self.download and not self.wait and not self.asynchronous:
+            self.report({"WARNING"}, "download=True needs wait=True (frames exist only once the job ran)")
         sub = Submission(text="Saving a copy of the scene")
         FARM.submission = sub
         try:
             copy, root, main_name, cleanup = save_copy()
-        except RuntimeError as exc:
+        except Exception as exc:
             sub.stage, sub.text = "failed", f"cannot save a copy of the scene: {exc}"
             return _fail(self, sub.text)
+        packing.track(cleanup)
         params = worker.SubmitParams(
             server=server,
             token=token,
@@ -570,8 +606,11 @@ class RENDERFARM_OT_cancel_submission(bpy.types.Operator):
 
     def execute(self, context: bpy.types.Context) -> set[OperatorReturnItems]:
         """Ask the worker to stop at its next block."""
-        if FARM.submission and FARM.submission.busy:
-            FARM.submission.cancel.set()
+        sub = FARM.submission
+        if sub and sub.busy:
+            sub.cancel.set()
+            if sub.stage == "saving":  # no worker yet: nothing else will end it
+                sub.stage, sub.text = "canceled", "Submission canceled; nothing was submitted"
         return {"FINISHED"}
 
 
@@ -591,7 +630,7 @@ def download_folder(context: bpy.types.Context, job_id: str, folder: str = "") -
             "Download To to a folder"
         )
     safe = "".join(c for c in job_id if c.isalnum() or c in "-_")
-    return Path(bpy.path.abspath(raw)) / safe
+    return Path(os.path.abspath(os.path.expanduser(bpy.path.abspath(raw)))) / safe
 
 
 def _job_id(op: Any) -> str:
@@ -789,6 +828,12 @@ class RENDERFARM_OT_open_image(bpy.types.Operator):
     frame: IntProperty(
         name="Frame", description="The frame; unset: the latest finished", options={"SKIP_SAVE"}
     )
+    directory: StringProperty(
+        name="Download To",
+        description="Folder (one sub-folder per job) the frame is downloaded into; empty: the panel's",
+        subtype="DIR_PATH",
+        options={"SKIP_SAVE"},
+    )
     use_thread: BoolProperty(options={"SKIP_SAVE", "HIDDEN"})
 
     def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[OperatorReturnItems]:
@@ -807,7 +852,7 @@ class RENDERFARM_OT_open_image(bpy.types.Operator):
             return _fail(self, "no finished frame to open yet")
         try:
             client = _client(context)
-            dest = download_folder(context, job_id)
+            dest = download_folder(context, job_id, self.directory)
         except FarmError as exc:
             return _fail(self, exc)
         except ValueError as exc:

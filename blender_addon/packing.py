@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import threading
 import time
 import zipfile
 from collections.abc import Callable
@@ -239,11 +240,39 @@ def zip_folder(
 
 
 def remove_quietly(path: Path) -> None:
-    """Delete a file or folder of ours, ignoring one already gone."""
+    """Delete a file or folder of ours, best effort: one already gone, or on a read-only file
+    system, is left as it is."""
     try:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:
             os.unlink(path)
-    except FileNotFoundError:
+    except OSError:
         pass
+
+
+_pending: set[Path] = set()
+_pending_lock = threading.Lock()
+
+
+def track(path: Path) -> None:
+    """Remember a temporary file or folder of a submission in progress, so that
+    :func:`remove_pending` deletes it if Blender quits (or the add-on is disabled) first:
+    worker threads are daemon threads and do not get to clean up then."""
+    with _pending_lock:
+        _pending.add(path)
+
+
+def untrack(path: Path) -> None:
+    """Forget ``path`` (its submission removed it)."""
+    with _pending_lock:
+        _pending.discard(path)
+
+
+def remove_pending() -> None:
+    """Delete every tracked temporary (registered with ``atexit`` by the add-on)."""
+    with _pending_lock:
+        paths = list(_pending)
+        _pending.clear()
+    for path in paths:
+        remove_quietly(path)

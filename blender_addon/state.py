@@ -78,8 +78,8 @@ class Submission:
     """A submission in progress (packing, uploading, creating the job) or just ended.
 
     Attributes:
-        stage: ``saving``, ``packing``, ``uploading``, ``creating``, ``submitted``, ``missing``,
-            ``failed`` or ``canceled``.
+        stage: ``saving``, ``checking`` (the login and project), ``packing``, ``uploading``,
+            ``creating``, then ``submitted``, ``missing``, ``failed`` or ``canceled``.
         progress: 0..1 within the stage.
         text: one line for the panel.
         missing: files reported missing (absolute paths) when ``stage`` is ``missing``.
@@ -100,7 +100,7 @@ class Submission:
     @property
     def busy(self) -> bool:
         """True while the submission is still working."""
-        return self.stage in ("saving", "packing", "uploading", "creating")
+        return self.stage in ("saving", "checking", "packing", "uploading", "creating")
 
 
 @dataclass

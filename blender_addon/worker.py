@@ -11,6 +11,7 @@ import re
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from . import packing
 from .client import FarmClient, FarmError
+from .frames import FrameSpecError, parse_frames
 from .state import FARM, JobView, Submission, frame_states
 
 Notify = Callable[..., None]
@@ -25,8 +27,13 @@ POLL_INTERVAL_S = 2.0
 """Seconds between two polls of a job the panel shows."""
 THUMBNAIL_PX = 256
 """Longest side of the panel's thumbnail, in pixels."""
+MAX_THUMBNAIL_BYTES = 8 << 20
+"""Largest thumbnail accepted from the farm, in bytes."""
 MAX_FULL_FRAME_PREVIEW_BYTES = 64 << 20
 """A frame the server cannot thumbnail (OpenEXR) is fetched whole for the preview only up to this size."""
+SUBMITTING_ROLES = ("manager", "artist")
+"""Project roles that may upload models and create jobs (``model:create`` and ``job:create`` in the
+server's ``server/auth/permissions.py``), checked before packing so that a refusal costs no upload."""
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._-][A-Za-z0-9 ._#+-]{0,200}$")
 
 
@@ -62,6 +69,7 @@ def submit(sub: Submission, p: SubmitParams, notify: Notify) -> None:
     """
     sub.threads.add(threading.get_ident())
     work = Path(tempfile.mkdtemp(prefix="renderfarm-submit-"))
+    packing.track(work)
     last = [0.0]
 
     def stage(name: str, progress: float, text: str, force: bool = False) -> None:
@@ -81,6 +89,9 @@ def submit(sub: Submission, p: SubmitParams, notify: Notify) -> None:
             )
 
     try:
+        client = FarmClient(p.server, p.token)
+        stage("checking", 0.0, "Checking your login and project", force=True)
+        project = preflight(client, p.project)
         stage("packing", 0.0, "Tracing dependencies", force=True)
         try:
             packed = packing.pack_scene(
@@ -95,13 +106,12 @@ def submit(sub: Submission, p: SubmitParams, notify: Notify) -> None:
         finally:
             if p.cleanup is not None:
                 packing.remove_quietly(p.cleanup)
-        client = FarmClient(p.server, p.token)
         stage("uploading", 0.0, f"Uploading {_mib(packed.size_bytes)}", force=True)
         model = client.upload_model(
             packed.zip_path,
             filename=packed.zip_path.name,
             main=packed.main,
-            project=p.project or None,
+            project=project or None,
             progress=lambda d, t: stage(
                 "uploading", d / t if t else 1.0, f"Uploading {_mib(d)} of {_mib(t)}"
             ),
@@ -119,11 +129,79 @@ def submit(sub: Submission, p: SubmitParams, notify: Notify) -> None:
     except packing.PackError as exc:
         notify(_failed, sub, "failed", "pack", str(exc), [])
     except FarmError as exc:
-        notify(_failed, sub, "failed", exc.kind, _farm_message(exc), [])
-    except Exception as exc:
+        if exc.kind == "canceled":
+            notify(_failed, sub, "canceled", "", "Submission canceled; nothing was submitted", [])
+        else:
+            notify(_failed, sub, "failed", exc.kind, _farm_message(exc), [])
+    except Exception as exc:  # a worker thread must always report back
         notify(_failed, sub, "failed", "bug", f"the submission failed: {type(exc).__name__}: {exc}", [])
     finally:
         packing.remove_quietly(work)
+        packing.untrack(work)
+        if p.cleanup is not None:
+            packing.remove_quietly(p.cleanup)
+            packing.untrack(p.cleanup)
+
+
+def check_frames(spec: str) -> list[int]:
+    """The frames of ``spec`` (the farm's own parser, ``protocol/frames.py``, bundled).
+
+    Raises:
+        FarmError: (``refused``, field ``frames``) the spec is not valid.
+    """
+    try:
+        return parse_frames(spec)
+    except FrameSpecError as exc:
+        raise FarmError("refused", f"frames {spec!r}: {exc}", 400, "frames") from None
+
+
+def preflight(client: FarmClient, project: str) -> str:
+    """Check the token and the project before anything is packed or uploaded; returns the
+    project to upload to ('' lets the farm choose, for an admin).
+
+    Raises:
+        FarmError: ``auth`` (the token is refused), or ``refused`` naming the problem: not a
+            member of ``project``, a role that may not submit, or several projects and none chosen.
+    """
+    me = client.me()
+    if not isinstance(me, dict) or not isinstance(me.get("projects", []), list):
+        raise FarmError("server", f"{client.server} did not answer like a renderfarm server")
+    projects = [p for p in me.get("projects") or [] if isinstance(p, dict)]
+    admin = bool(me.get("is_admin"))
+    names = ", ".join(str(p.get("name")) for p in projects) or "none"
+    if project:
+        match = [p for p in projects if project in (p.get("name"), p.get("id"))]
+        if not match:
+            if admin:
+                return project
+            raise FarmError(
+                "refused", f"you are not a member of project {project!r} (yours: {names})", 404, "project"
+            )
+        if not admin and match[0].get("role") not in SUBMITTING_ROLES:
+            raise FarmError(
+                "refused",
+                f"your role in project {project!r} is {match[0].get('role')}: it may "
+                "not submit jobs (ask a manager to make you an artist)",
+                403,
+                "project",
+            )
+        return str(match[0].get("name"))
+    allowed = [p for p in projects if admin or p.get("role") in SUBMITTING_ROLES]
+    if len(allowed) == 1:
+        return str(allowed[0].get("name"))
+    if not allowed and not admin:
+        raise FarmError(
+            "refused", f"none of your projects lets you submit jobs (yours: {names})", 403, "project"
+        )
+    if len(allowed) > 1:
+        raise FarmError(
+            "refused",
+            "choose a Project in the Render Farm panel (or project=... from a script): "
+            f"you are in several ({', '.join(str(p.get('name')) for p in allowed)})",
+            400,
+            "project",
+        )
+    return ""
 
 
 def _mib(n: int) -> str:
@@ -131,6 +209,8 @@ def _mib(n: int) -> str:
 
 
 def _farm_message(exc: FarmError) -> str:
+    if exc.kind == "auth" and str(exc).startswith("not logged in"):
+        return str(exc)[:1].upper() + str(exc)[1:]
     if exc.kind == "auth":
         return f"Your farm login expired or was revoked ({exc}): log in again in the add-on's preferences"
     if exc.kind == "refused" and exc.field:
@@ -203,16 +283,30 @@ def _thumbnail(
     thumb_dir.mkdir(parents=True, exist_ok=True)
     dest = thumb_dir / f"{frame}.png"
     try:
-        client.download(f"/api/jobs/{job_id}/outputs/{frame}/thumbnail?size={THUMBNAIL_PX}", dest)
-        return frame, str(dest)
+        client.download(
+            f"/api/jobs/{urllib.parse.quote(job_id, safe='')}/outputs/{frame}/thumbnail?size={THUMBNAIL_PX}",
+            dest,
+            max_bytes=MAX_THUMBNAIL_BYTES,
+            deadline_s=60,
+        )
     except FarmError as exc:
-        if exc.status not in (404, 415) or int(out.get("size_bytes") or 0) > MAX_FULL_FRAME_PREVIEW_BYTES:
+        size = int(out.get("size_bytes") or 0)
+        if exc.status not in (404, 415) or size > MAX_FULL_FRAME_PREVIEW_BYTES:
             return None
-    dest = thumb_dir / f"{frame}{Path(safe_filename(str(out.get('filename')), frame)).suffix}"
-    try:
-        client.download(str(out["url"]), dest, sha256=out.get("sha256"))
-    except FarmError:
-        return None
+        dest = thumb_dir / f"{frame}{Path(safe_filename(str(out.get('filename')), frame)).suffix}"
+        try:
+            client.download(
+                str(out["url"]),
+                dest,
+                sha256=out.get("sha256"),
+                total=size,
+                max_bytes=min(size, MAX_FULL_FRAME_PREVIEW_BYTES),
+            )
+        except FarmError:
+            return None
+    for older in thumb_dir.iterdir():  # one thumbnail per job is all the panel shows
+        if older != dest:
+            packing.remove_quietly(older)
     return frame, str(dest)
 
 
@@ -293,13 +387,17 @@ def download(
     """
     import hashlib
 
-    dest.mkdir(parents=True, exist_ok=True)
     outputs = [o for o in client.outputs(job_id) if frames is None or int(o["frame"]) in frames]
+    if outputs:
+        dest.mkdir(parents=True, exist_ok=True)
     total = sum(int(o.get("size_bytes") or 0) for o in outputs)
     done = 0
-    paths = []
+    paths: list[Path] = []
     for i, o in enumerate(outputs):
-        path = dest / safe_filename(str(o.get("filename") or ""), int(o["frame"]))
+        name = safe_filename(str(o.get("filename") or ""), int(o["frame"]))
+        if dest / name in paths:  # two frames the farm named alike: neither overwrites the other
+            name = safe_filename("", int(o["frame"])) + Path(name).suffix
+        path = dest / name
         same = False
         if path.is_file() and o.get("sha256"):
             h = hashlib.sha256()
@@ -308,7 +406,7 @@ def download(
                     h.update(chunk)
             same = h.hexdigest() == o["sha256"]
         if not same:
-            client.download(str(o["url"]), path, sha256=o.get("sha256"))
+            client.download(str(o["url"]), path, sha256=o.get("sha256"), total=int(o.get("size_bytes") or 0))
         done += int(o.get("size_bytes") or 0)
         paths.append(path)
         notify(

@@ -109,9 +109,14 @@ def build_addon(output_dir: Path, *, wheel: Path | None = None, blender: str | N
         click.ClickException: the wheel, the builder or the validation failed.
     """
     ext = blender_ext_script(blender)
+    if blender and not (Path(blender).is_file() or shutil.which(blender)):
+        raise click.ClickException(f"--blender {blender}: no such program")
     src = addon_source()
     whl = bat_wheel(wheel)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.ClickException(f"--output-dir {output_dir}: cannot be made ({exc.strerror})") from None
     with tempfile.TemporaryDirectory(prefix="renderfarm-addon-") as tmp:
         stage = Path(tmp) / "render_farm"
         shutil.copytree(src, stage, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "wheels"))
@@ -124,7 +129,10 @@ def build_addon(output_dir: Path, *, wheel: Path | None = None, blender: str | N
             check=False,
         )
         if built.returncode != 0:
-            raise click.ClickException(f"Blender's builder refused the add-on:\n{built.stdout}{built.stderr}")
+            why = (
+                built.stdout + built.stderr
+            ).strip() or f"{ext[0]} exited {built.returncode} and said nothing"
+            raise click.ClickException(f"Blender's builder refused the add-on:\n{why}")
     zips = [line.split('"')[1] for line in built.stdout.splitlines() if line.startswith("created:")]
     path = Path(zips[0]) if zips else None
     if path is None or not path.is_absolute():

@@ -301,6 +301,19 @@ def main() -> None:
         RESULT["refused"] = [ok, err]
         ok, err = submit(frames="1-")
         RESULT["bad_frames"] = [ok, err]
+        ok, err = submit(frames="1")  # the farm's upload limit is 1000 bytes in this test
+        RESULT["too_large"] = [ok, err]
+        bpy.context.preferences.addons["bl_ext.user_default.render_farm"].preferences.server_url = args[
+            "server"
+        ].replace("127.0.0.1:", "127.0.0.1:39x")
+        try:
+            bpy.ops.render_farm.test_connection()
+            RESULT["typo"] = [True, ""]
+        except RuntimeError as exc:
+            RESULT["typo"] = [False, str(exc)]
+        bpy.context.preferences.addons["bl_ext.user_default.render_farm"].preferences.server_url = args[
+            "server"
+        ]
         # the token revoked on the server (by the test, through the API) -> asks to log in again
         print("READY-REVOKE", flush=True)
         sys.stdin.readline()

@@ -9,6 +9,7 @@ with the wheel it bundles."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import subprocess
@@ -269,6 +270,9 @@ async def test_errors_reach_the_artist(farm: Farm, tmp_path: Path, addon_zip: Pa
                     await c.revoke_token(t["id"])
 
     dead = f"http://127.0.0.1:{free_port()}"
+    models_before = len((await farm.client._json("GET", "/api/models"))["models"])
+    limits = dataclasses.replace(farm.ctx.settings.limits, max_upload_bytes=1000)
+    object.__setattr__(farm.ctx.settings, "limits", limits)
     r = await drive(
         tmp_path,
         addon_zip,
@@ -280,10 +284,15 @@ async def test_errors_reach_the_artist(farm: Farm, tmp_path: Path, addon_zip: Pa
         blend=str(corpus / "linked_cube.blend"),
         dead_server=dead,
     )
-    ok, err = r["refused"]
-    assert not ok and "no-such-project" in err and "project" in err
+    ok, err = r["refused"]  # checked before anything is packed
+    assert not ok and "not a member of project 'no-such-project' (yours: default)" in err
     ok, err = r["bad_frames"]
-    assert not ok and "frames" in err
+    assert not ok and "frames '1-'" in err
+    ok, err = r["too_large"]  # the farm's own message, as it is
+    assert not ok and "upload is larger than the limit of 1000 bytes" in err and "(file)" in err
+    assert len((await farm.client._json("GET", "/api/models"))["models"]) == models_before
+    ok, err = r["typo"]
+    assert not ok and "port is not a number" in err
     ok, err = r["revoked"]
     assert not ok and "log in again" in err
     assert "log in again" in r["auth_error"]
