@@ -517,6 +517,11 @@ class RENDERFARM_OT_submit(bpy.types.Operator):
             return _fail(self, exc if isinstance(exc, FarmError) else str(exc))
         if self.download and not self.wait and not self.asynchronous:
             self.report({"WARNING"}, "download=True needs wait=True (frames exist only once the job ran)")
+        if self.download and self.wait and not self.asynchronous:
+            try:  # a folder that cannot be had is said before the job renders, not after
+                download_folder(context, "check", self.download_dir)
+            except ValueError as exc:
+                return _fail(self, str(exc))
         sub = Submission(text="Saving a copy of the scene")
         FARM.submission = sub
         try:

@@ -23,6 +23,8 @@ import ipaddress
 import math
 import os
 import secrets
+import shutil
+import time
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -210,6 +212,25 @@ class Settings:
                 os.chmod(d, 0o700)
         except OSError as exc:
             raise ValueError(f"data dir {self.data_dir} is not usable: {exc.strerror or exc}") from exc
+
+    def sweep_tmp(self, older_than_s: float = 6 * 3600) -> list[str]:
+        """Remove what uploads left in :attr:`tmp_dir` more than ``older_than_s`` seconds ago (a
+        server killed mid-upload cannot clean up after itself); returns the names removed.
+        Entries of uploads in progress are younger, whatever server process they belong to."""
+        removed = []
+        cutoff = time.time() - older_than_s
+        for entry in self.tmp_dir.iterdir() if self.tmp_dir.is_dir() else []:
+            try:
+                if entry.lstat().st_mtime >= cutoff:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+                removed.append(entry.name)
+            except OSError:
+                continue  # gone already, or not ours to remove
+        return removed
 
     def lock_data_dir(self) -> int:
         """Take an exclusive lock on the data folder; returns the lock's file descriptor.

@@ -88,6 +88,10 @@ class FarmContext:
         """
         settings.ensure_dirs()
         lock_fd = settings.lock_data_dir()
+        if swept := settings.sweep_tmp():
+            logging.getLogger(__name__).info(
+                "removed %d leftovers of interrupted uploads from %s", len(swept), settings.tmp_dir
+            )
         return cls(
             settings=settings,
             db=Database(settings.database_url),

@@ -372,6 +372,8 @@ def main() -> None:
         )
         bpy.context.scene.collection.objects.link(bpy.data.objects.new("Box", mesh))
         add_camera()
+        ok, err = submit(frames="1", samples=2, wait=True, download=True, poll_interval=0.3)
+        RESULT["download_first"] = [ok, err]
         ok, err = submit(frames="1", samples=2, wait=True, poll_interval=0.3)
         RESULT.update(
             ok=ok,

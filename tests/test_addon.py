@@ -336,9 +336,13 @@ async def test_a_never_saved_scene_is_submitted_from_a_temporary_copy(
 ) -> None:
     name = await artist(farm)
     r = await drive(tmp_path, addon_zip, "unsaved", server=farm.url, username=name, password=PASSWORD)
+    ok, err = r["download_first"]  # said before anything is submitted
+    assert not ok and "never saved" in err
     assert r["ok"], r["error"]
     assert r["state"] == "completed"
     assert r["filepath"] == "" and r["dirty"]
+    jobs = (await farm.client._json("GET", "/api/jobs"))["jobs"]
+    assert len(jobs) == 1
     job = await farm.client.job(r["job_id"])
     assert job["name"] == "Scene"
     # downloading next to a file that was never saved has no place to go: said so, nothing written

@@ -174,3 +174,24 @@ def test_values_the_farm_cannot_work_with_are_refused_from_any_source(
     key, value = (x.strip() for x in toml.split("="))
     with pytest.raises(ValueError, match=named):
         load_settings(None, {f"RENDERFARM_{key.upper()}": value}, data_dir=tmp_path)
+
+
+def test_leftovers_of_interrupted_uploads_are_swept_at_start(tmp_path: Path) -> None:
+    """A server killed mid-upload leaves its temporary folder; the next start removes what is
+    older than the sweep age and keeps what may be an upload in progress."""
+    import os
+    import time as _time
+
+    from server.config import Settings
+
+    s = Settings(data_dir=tmp_path / "farm")
+    s.ensure_dirs()
+    old = s.tmp_dir / "upload-old"
+    old.mkdir()
+    (old / "upload.bin").write_bytes(b"x" * 1000)
+    stale = _time.time() - 7 * 3600
+    os.utime(old, (stale, stale))
+    fresh = s.tmp_dir / "upload-fresh"
+    fresh.mkdir()
+    assert s.sweep_tmp() == ["upload-old"]
+    assert not old.exists() and fresh.exists()
