@@ -184,6 +184,19 @@ def _login_failed(text: str) -> None:
     report("ERROR", text)
 
 
+class _FromButtonInThread:
+    """Mixin of the operators that talk to the farm: from a button (``invoke``) the work runs in
+    a worker thread and reaches the panel through the timer; from a script (``execute``, or
+    ``use_thread=True`` to ask for the thread) it runs inline and the operator returns the outcome."""
+
+    use_thread: BoolProperty(options={"SKIP_SAVE", "HIDDEN"})
+
+    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[OperatorReturnItems]:
+        """From a button: in a worker thread."""
+        self.use_thread = True
+        return self.execute(context)  # type: ignore[attr-defined]
+
+
 class RENDERFARM_OT_login(bpy.types.Operator):
     """Log in to the farm: the password is exchanged for a personal API token (the password is
     not stored)."""
@@ -313,19 +326,12 @@ def _test_connection(server: str, token: str | None) -> tuple[str, str, list[str
     )
 
 
-class RENDERFARM_OT_test_connection(bpy.types.Operator):
+class RENDERFARM_OT_test_connection(_FromButtonInThread, bpy.types.Operator):
     """Check that the farm answers and that the stored token works."""
 
     bl_idname = "render_farm.test_connection"
     bl_label = "Test Connection"
     bl_options = {"INTERNAL"}
-
-    use_thread: BoolProperty(options={"SKIP_SAVE", "HIDDEN"})
-
-    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[OperatorReturnItems]:
-        """From a button: in a worker thread."""
-        self.use_thread = True
-        return self.execute(context)
 
     def execute(self, context: bpy.types.Context) -> set[OperatorReturnItems]:
         """Ask ``/healthz`` and ``/api/me``."""
@@ -754,7 +760,7 @@ def _download(client: FarmClient, job_id: str, dest: Path, frames: set[int] | No
     post(_downloaded, job_id, then_open)
 
 
-class RENDERFARM_OT_download(bpy.types.Operator):
+class RENDERFARM_OT_download(_FromButtonInThread, bpy.types.Operator):
     """Download the job's stored frames (into //render_farm/<job>/ unless told otherwise)."""
 
     bl_idname = "render_farm.download"
@@ -762,12 +768,6 @@ class RENDERFARM_OT_download(bpy.types.Operator):
 
     job_id: StringProperty(options={"SKIP_SAVE"})
     directory: StringProperty(subtype="DIR_PATH", options={"SKIP_SAVE"})
-    use_thread: BoolProperty(options={"SKIP_SAVE", "HIDDEN"})
-
-    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[OperatorReturnItems]:
-        """From a button: in a worker thread."""
-        self.use_thread = True
-        return self.execute(context)
 
     def execute(self, context: bpy.types.Context) -> set[OperatorReturnItems]:
         """Download (inline from a script)."""
@@ -823,7 +823,7 @@ def open_in_image_editor(path: str) -> bpy.types.Image:
     return img
 
 
-class RENDERFARM_OT_open_image(bpy.types.Operator):
+class RENDERFARM_OT_open_image(_FromButtonInThread, bpy.types.Operator):
     """Open the latest finished frame in the Image Editor (downloading it first if needed)."""
 
     bl_idname = "render_farm.open_image"
@@ -839,12 +839,6 @@ class RENDERFARM_OT_open_image(bpy.types.Operator):
         subtype="DIR_PATH",
         options={"SKIP_SAVE"},
     )
-    use_thread: BoolProperty(options={"SKIP_SAVE", "HIDDEN"})
-
-    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[OperatorReturnItems]:
-        """From a button: a download, if needed, runs in a worker thread."""
-        self.use_thread = True
-        return self.execute(context)
 
     def execute(self, context: bpy.types.Context) -> set[OperatorReturnItems]:
         """Open it (downloading inline from a script)."""
