@@ -27,6 +27,9 @@ TIMEOUT_S = 30.0
 BLOCK = 1 << 20
 """Bytes read, sent or written at a time during uploads and downloads (1 MiB)."""
 
+MAX_DOWNLOAD_BYTES = 4 << 30
+"""Most bytes one download may bring (4 GiB), whatever size the farm announces."""
+
 Progress = Callable[[int, int], None]
 """``progress(done_bytes, total_bytes)``."""
 
@@ -35,14 +38,16 @@ class FarmError(Exception):
     """A request that failed.
 
     Attributes:
-        kind: ``unreachable``, ``auth``, ``refused`` or ``server`` (see the module's doc), or
+        kind: ``unreachable``, ``auth``, ``refused`` or ``server`` (see the module's doc),
+            ``invalid`` (found wrong here, before asking the farm: a server URL, a frame spec), or
             ``canceled`` (an upload the caller canceled).
         status: the HTTP status (0 when there was no answer).
         field: the request field the server named as wrong, if any.
     """
 
     def __init__(self, kind: str, message: str, status: int = 0, field: str | None = None) -> None:
-        super().__init__(message)
+        # what a peer sent may hold control characters (a banner of another service): not for the panel
+        super().__init__("".join(c if c.isprintable() else " " for c in message).strip())
         self.kind = kind
         self.status = status
         self.field = field
@@ -59,14 +64,23 @@ def normalise_server(url: str) -> str:
         url = "http://" + url
     bad = f"server URL {url!r} is not an http:// or https:// URL with a host (such as http://farm:3000)"
     if any(c.isspace() or ord(c) < 32 for c in url):
-        raise FarmError("refused", f"{bad}: it contains spaces or control characters")
-    parts = urllib.parse.urlsplit(url)
+        raise FarmError("invalid", f"{bad}: it contains spaces or control characters")
+    if not url.isascii():
+        raise FarmError(
+            "invalid",
+            f"{bad}: it contains characters such as typographic quotes (write the "
+            "host name in plain letters; an international name in its xn-- form)",
+        )
     try:
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
-    except ValueError:
-        raise FarmError("refused", f"{bad}: its port is not a number from 1 to 65535") from None
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        why = "its port is not a number from 1 to 65535" if "port" in str(exc).lower() else str(exc)
+        raise FarmError("invalid", f"{bad}: {why}") from None
+    if port == 0:
+        raise FarmError("invalid", f"{bad}: its port is not a number from 1 to 65535")
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise FarmError("refused", bad)
+        raise FarmError("invalid", bad)
     return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
 
 
@@ -296,10 +310,10 @@ class FarmClient:
         given ``sha256``, checked), so ``dest`` is never a partial file.
 
         Args:
-            max_bytes: refuse an answer longer than this many bytes (default: ``total`` when
-                given, as a frame's size is known; else no cap).
+                max_bytes: refuse an answer longer than this many bytes (default: ``total`` when
+                given, as a frame's size is known, but never more than :data:`MAX_DOWNLOAD_BYTES`).
             deadline_s: seconds the whole download may take (default: 120 s plus 1 s per MiB of
-                ``total``), so a server that trickles bytes cannot hold it for ever.
+                that cap), so a server that trickles bytes cannot hold it for ever.
 
         Raises:
             FarmError: the request failed, took too long, sent more than ``max_bytes``, or
@@ -308,8 +322,9 @@ class FarmClient:
         part = dest.with_name(dest.name + ".part")
         h = hashlib.sha256()
         done = 0
-        cap = max_bytes if max_bytes is not None else (total or None)
-        allowed_s = deadline_s if deadline_s is not None else 120 + total / (1 << 20)
+        cap = max_bytes if max_bytes is not None else (total if 0 < total <= MAX_DOWNLOAD_BYTES else None)
+        cap = min(cap or MAX_DOWNLOAD_BYTES, MAX_DOWNLOAD_BYTES)
+        allowed_s = deadline_s if deadline_s is not None else 120 + cap / (1 << 20)
         deadline = time.monotonic() + allowed_s
         try:
             with self._open("GET", url, headers={"Accept": "*/*"}) as resp, open(part, "wb") as out:

@@ -137,7 +137,16 @@ def _login(server: str, username: str, password: str) -> tuple[dict[str, Any], l
     store = token_store()
     old = store.get(server)
     c = FarmClient(server)
-    session = c.login(username, password)
+    try:
+        session = c.login(username, password)
+    except FarmError as exc:
+        if exc.status in (404, 405):
+            raise FarmError(
+                "server",
+                f"{server} answers HTTP {exc.status}, but not as a renderfarm server: is "
+                "the URL right (such as http://farm:3000, without /api)?",
+            ) from None
+        raise
     if not isinstance(session, dict) or not isinstance(session.get("access_token"), str):
         raise FarmError("server", f"{server} does not answer like a renderfarm server (no access token)")
     c.token = session["access_token"]
@@ -386,7 +395,7 @@ def save_copy() -> tuple[Path, Path, str, Path]:
     src = bpy.data.filepath
     main_name = Path(src).name if src else "untitled.blend"
     tag = uuid.uuid4().hex[:8]
-    if src:
+    if src and os.access(Path(src).parent, os.W_OK):  # (False on a read-only file system, even for root)
         folder = Path(src).parent
         copy = folder / f".{Path(src).stem}.renderfarm-{tag}.blend"
         try:
@@ -494,6 +503,8 @@ class RENDERFARM_OT_submit(bpy.types.Operator):
             frames = scene_frames(scene) if settings.use_scene_frames else settings.frames.strip()
         if not frames:
             raise ValueError("give the frames to render (1-10, 1-99x2 ...)")
+        if scene.camera is None:
+            raise ValueError(f"scene {scene.name!r} has no camera: add one, or set it in Scene properties")
         worker.check_frames(frames)
         project = (self._value(settings, "project") or prefs(context).default_project).strip()
         samples = self._value(settings, "samples")
@@ -525,7 +536,7 @@ class RENDERFARM_OT_submit(bpy.types.Operator):
             self.report({"WARNING"}, "download=True needs wait=True (frames exist only once the job ran)")
         if self.download and self.wait and not self.asynchronous:
             try:  # a folder that cannot be had is said before the job renders, not after
-                download_folder(context, "check", self.download_dir)
+                check_writable(download_folder(context, "check", self.download_dir).parent)
             except ValueError as exc:
                 return _fail(self, str(exc))
         sub = Submission(text="Saving a copy of the scene")
@@ -642,6 +653,18 @@ def download_folder(context: bpy.types.Context, job_id: str, folder: str = "") -
         )
     safe = "".join(c for c in job_id if c.isalnum() or c in "-_")
     return Path(os.path.abspath(os.path.expanduser(bpy.path.abspath(raw)))) / safe
+
+
+def check_writable(folder: Path) -> None:
+    """Raise ValueError unless ``folder``, or the nearest folder above it that exists, may be written."""
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"frames cannot be downloaded into {folder}: {probe} is not a folder you may write "
+            "(set Download To, or download_dir=...)"
+        )
 
 
 def _job_id(op: Any) -> str:

@@ -53,7 +53,7 @@ def server_url(context: bpy.types.Context | None = None) -> str:
     """
     raw = prefs(context).server_url
     if not raw.strip():
-        raise FarmError("refused", "no farm server is set: open the add-on's preferences and set Server URL")
+        raise FarmError("invalid", "no farm server is set: open the add-on's preferences and set Server URL")
     return normalise_server(raw)
 
 
@@ -61,7 +61,7 @@ def login_entry(context: bpy.types.Context | None = None) -> dict[str, Any] | No
     """The stored token entry of the preferences' server, or None."""
     try:
         return token_store().get(server_url(context))
-    except FarmError:
+    except (FarmError, ValueError):  # no server set, or a URL that is not one: drawn as logged out
         return None
 
 

@@ -147,12 +147,12 @@ def check_frames(spec: str) -> list[int]:
     """The frames of ``spec`` (the farm's own parser, ``protocol/frames.py``, bundled).
 
     Raises:
-        FarmError: (``refused``, field ``frames``) the spec is not valid.
+        FarmError: (``invalid``, field ``frames``) the spec is not valid.
     """
     try:
         return parse_frames(spec)
     except FrameSpecError as exc:
-        raise FarmError("refused", f"frames {spec!r}: {exc}", 400, "frames") from None
+        raise FarmError("invalid", f"frames {spec!r}: {exc}", 400, "frames") from None
 
 
 def preflight(client: FarmClient, project: str) -> str:
@@ -209,6 +209,8 @@ def _mib(n: int) -> str:
 
 
 def _farm_message(exc: FarmError) -> str:
+    if exc.kind == "invalid":
+        return str(exc)[:1].upper() + str(exc)[1:]
     if exc.kind == "auth" and str(exc).startswith("not logged in"):
         return str(exc)[:1].upper() + str(exc)[1:]
     if exc.kind == "auth":
@@ -395,8 +397,11 @@ def download(
     paths: list[Path] = []
     for i, o in enumerate(outputs):
         name = safe_filename(str(o.get("filename") or ""), int(o["frame"]))
-        if dest / name in paths:  # two frames the farm named alike: neither overwrites the other
-            name = safe_filename("", int(o["frame"])) + Path(name).suffix
+        n = 1
+        while dest / name in paths:  # two frames the farm named alike: neither overwrites the other
+            stem = Path(name).stem.rsplit("~", 1)[0]
+            name = f"{stem}~{n}{Path(name).suffix}"
+            n += 1
         path = dest / name
         same = False
         if path.is_file() and o.get("sha256"):

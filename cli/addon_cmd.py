@@ -109,8 +109,10 @@ def build_addon(output_dir: Path, *, wheel: Path | None = None, blender: str | N
         click.ClickException: the wheel, the builder or the validation failed.
     """
     ext = blender_ext_script(blender)
-    if blender and not (Path(blender).is_file() or shutil.which(blender)):
-        raise click.ClickException(f"--blender {blender}: no such program")
+    if blender and not shutil.which(blender):
+        raise click.ClickException(f"--blender {blender}: no such program (or not executable)")
+    if not str(output_dir).strip():
+        raise click.ClickException("--output-dir is empty")
     src = addon_source()
     whl = bat_wheel(wheel)
     try:
@@ -135,8 +137,12 @@ def build_addon(output_dir: Path, *, wheel: Path | None = None, blender: str | N
             raise click.ClickException(f"Blender's builder refused the add-on:\n{why}")
     zips = [line.split('"')[1] for line in built.stdout.splitlines() if line.startswith("created:")]
     path = Path(zips[0]) if zips else None
-    if path is None or not path.is_absolute():
-        path = output_dir / (path.name if path else "render_farm.zip")
+    if path is not None and not path.is_absolute():
+        path = output_dir / path.name
+    if path is None or not path.is_file():
+        raise click.ClickException(
+            f"{ext[0]} did not build the add-on (no zip was made):\n{(built.stdout + built.stderr).strip()}"
+        )
     checked = subprocess.run([*ext, "validate", str(path)], capture_output=True, text=True, check=False)
     if checked.returncode != 0:
         raise click.ClickException(f"Blender's validation refused {path}:\n{checked.stdout}{checked.stderr}")

@@ -113,6 +113,21 @@ def test_the_built_zip_is_an_extension_with_the_bat_wheel(addon_zip: Path) -> No
     assert "network = " in manifest and "files = " in manifest
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--blender", "/bin/true"], "no zip was made"),
+        (["--blender", "/nonexistent/blender"], "no such program"),
+        (["-o", "/etc/hostname/sub"], "cannot be made"),
+    ],
+)
+def test_addon_build_errors_are_messages(tmp_path: Path, args: list[str], message: str) -> None:
+    argv = [RENDERFARM, "addon", "build", *(["-o", str(tmp_path / "out")] if "-o" not in args else []), *args]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert message in " ".join(res.stderr.split()) and "Traceback" not in res.stderr
+
+
 def test_a_wheel_with_another_hash_is_refused(tmp_path: Path) -> None:
     fake = tmp_path / "blender_asset_tracer-1.23-py3-none-any.whl"
     fake.write_bytes(b"not the wheel")
@@ -287,7 +302,7 @@ async def test_errors_reach_the_artist(farm: Farm, tmp_path: Path, addon_zip: Pa
     ok, err = r["refused"]  # checked before anything is packed
     assert not ok and "not a member of project 'no-such-project' (yours: default)" in err
     ok, err = r["bad_frames"]
-    assert not ok and "frames '1-'" in err
+    assert not ok and "frames '1-'" in err.lower()
     ok, err = r["too_large"]  # the farm's own message, as it is
     assert not ok and "upload is larger than the limit of 1000 bytes" in err and "(file)" in err
     assert len((await farm.client._json("GET", "/api/models"))["models"]) == models_before

@@ -131,7 +131,7 @@ def test_a_download_never_runs_past_its_size_or_deadline(hostile: str, tmp_path:
 def test_frame_file_names_cannot_leave_the_download_folder(hostile: str, tmp_path: Path) -> None:
     dest = tmp_path / "dl" / "j1"
     paths = worker.download(FarmClient(hostile, "t"), "j1", dest, lambda fn, *a: None)
-    assert [p.name for p in paths] == ["escape.png", "passwd", "same.png", "frame_000004.png"]
+    assert [p.name for p in paths] == ["escape.png", "passwd", "same.png", "same~1.png"]
     assert all(p.parent == dest and p.read_bytes() == b"abc" for p in paths)
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == sorted(p.name for p in paths)
 
@@ -149,6 +149,9 @@ def test_links_that_are_not_http_are_refused(hostile: str, tmp_path: Path) -> No
         ("ftp://farm", "http"),
         ("", "http"),
         ("http://farm:99999", "port"),
+        ("http://farm:0", "port"),
+        ("http://[::1", "IPv6"),
+        ("http://\u2018farm\u2019:3000", "typographic quotes"),
     ],
 )
 def test_server_url_typos_are_clear_errors(url: str, why: str) -> None:
@@ -178,3 +181,22 @@ def test_frame_specs_are_checked_with_the_farms_own_parser() -> None:
         with pytest.raises(FarmError) as err:
             worker.check_frames(bad)
         assert err.value.field == "frames"
+
+
+def test_a_download_without_a_size_is_still_capped(
+    hostile: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frame whose size the farm does not say (or says absurdly) is capped at MAX_DOWNLOAD_BYTES."""
+    from blender_addon import client
+
+    monkeypatch.setattr(client, "MAX_DOWNLOAD_BYTES", 1 << 20)
+    with pytest.raises(FarmError, match="more than"):
+        FarmClient(hostile, "t").download("/huge", tmp_path / "f.png")
+    with pytest.raises(FarmError, match="more than"):
+        FarmClient(hostile, "t").download("/huge", tmp_path / "f.png", total=10**15)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_what_a_peer_sends_is_made_printable() -> None:
+    text = str(FarmError("unreachable", "banner: SSH-2.0-OpenSSH_9.6\r\n\x1b[31m"))
+    assert text.isprintable() and text.startswith("banner: SSH-2.0-OpenSSH_9.6")
