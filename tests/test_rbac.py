@@ -302,6 +302,7 @@ SAMPLES: dict[tuple[str, str], Sample] = {
     ("GET", "/api/tasks/{task_id}/status"): Sample(),
     ("PATCH", "/api/jobs/{job_id}"): Sample(json={"priority": 1}),
     ("POST", "/api/jobs/{job_id}/cancel"): Sample(fresh=_fresh_job),
+    ("POST", "/api/jobs/{job_id}/retry"): Sample(),  # 409 for those allowed: nothing failed
     ("GET", "/api/jobs/{job_id}/blocklist"): Sample(),
     ("DELETE", "/api/jobs/{job_id}/blocklist/{agent}"): Sample(),  # 404 for those allowed: not blocklisted
     # meta
@@ -313,6 +314,9 @@ SAMPLES: dict[tuple[str, str], Sample] = {
     ("GET", "/api/models"): Sample(),
     ("GET", "/api/models/{model_id}"): Sample(),
     ("GET", "/api/agents"): Sample(),
+    ("PATCH", "/api/agents/{name}"): Sample(  # enabling an enabled agent changes nothing
+        fresh=lambda w, c: _const({"name": AGENT, "json": {"enabled": True}})
+    ),
     ("GET", "/api/jobs/{job_id}/outputs"): Sample(),
     ("GET", "/api/jobs/{job_id}/outputs.zip"): Sample(),
     ("GET", "/api/jobs/{job_id}/outputs/{frame}"): Sample(),

@@ -280,6 +280,26 @@ async def update_job(request: web.Request) -> web.Response:
 
 @route(
     "POST",
+    "/api/jobs/{job_id}/retry",
+    permission="job:update",
+    summary="Retry a job's failed tasks: they are queued again for every agent, and a failed job reopens",
+    response=JobSummary,
+)
+async def retry_job(request: web.Request) -> web.Response:
+    """409 when the job was canceled or has no failed task (a completed job has none).
+
+    Attempts and failure records stay; the failures of the retried tasks no longer blocklist
+    their agents. When the job failed, the tasks its failing early canceled are queued too.
+    """
+    ctx: FarmContext = request.app[CTX]  # type: ignore[assignment]
+    job_id = request.match_info["job_id"]
+    out = await service.retry_job(ctx, job_id, by=principal_of(request).name)
+    note(request, f"job_id={job_id}", failed=out["failed"], canceled=out["canceled"])
+    return web.json_response(await service.job_summary(ctx, job_id))
+
+
+@route(
+    "POST",
     "/api/jobs/{job_id}/cancel",
     permission="job:cancel",
     summary="Cancel a job; running renders stop within a heartbeat",

@@ -325,9 +325,21 @@ class AgentOut(BaseModel):
     version: str
     capabilities: dict[str, Any]
     online: bool
+    enabled: bool = Field(
+        description="false once an admin disabled it: it takes no new task (one it renders runs to its end)"
+    )
     current_task_id: str | None
     registered_at: str
     last_seen_at: str
+
+
+class AgentUpdate(_Strict):
+    """``PATCH /api/agents/{name}``: enable or disable an agent."""
+
+    enabled: StrictBool = Field(
+        description="false: the agent takes no new task (claims refused, nothing routed to it); "
+        "a task it is rendering runs to its end. true: it takes tasks again"
+    )
 
 
 class AgentRegistered(BaseModel):

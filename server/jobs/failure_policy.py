@@ -2,7 +2,8 @@
 
 * A failed attempt is recorded (``task_failures``) and its task goes back to the queue for
   *another* agent after an exponential backoff, until ``task_failure_agents`` different
-  agents failed it, or at once for good when no other agent may take it.
+  agents failed it, or at once for good when no other agent may take it (a disabled agent
+  may not: ``PATCH /api/agents/{name}``).
 * An agent with ``blocklist_after`` failures in a job not cleared is blocklisted for it: it
   is refused the job's tasks (:func:`refusal`) until someone clears it.
 * A job fails early, its other tasks canceled, when no eligible agent remains or more than
@@ -90,9 +91,9 @@ async def fail_attempt(
     * The task goes back to the queue with ``not_before`` = now + the backoff
       (:meth:`server.config.Settings.retry_delay_s` of its failures so far), unless
       ``task_failure_agents`` different agents failed it, or no other eligible agent exists
-      (registered in the job's pool and not stopped or gone for :data:`AGENT_GONE_S` seconds,
-      offering its device, not blocklisted for the job, not among those that failed the
-      task): then it fails for good.
+      (registered in the job's pool, not disabled, and not stopped or gone for
+      :data:`AGENT_GONE_S` seconds, offering its device, not blocklisted for the job, not
+      among those that failed the task): then it fails for good.
     * The job fails at once, its other queued and running tasks canceled, when every such
       agent offering its device is blocklisted for it, or when more than
       ``max_failed_task_share`` of its tasks failed for good while some are still unfinished.
@@ -125,6 +126,7 @@ async def fail_attempt(
             select(Agent.name, Agent.route).where(
                 Agent.pool == job.pool,
                 Agent.state == "online",
+                Agent.enabled.is_(True),
                 Agent.last_seen_at >= now - timedelta(seconds=AGENT_GONE_S),
             )
         )

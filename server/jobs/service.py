@@ -244,6 +244,83 @@ async def cancel_job(ctx: FarmContext, job_id: str) -> Job:
     return job
 
 
+@retry_on_disconnect
+async def retry_job(ctx: FarmContext, job_id: str, by: str = "") -> dict[str, Any]:
+    """Put a job's failed tasks back in the queue, and reopen the job if it failed.
+
+    Each failed task becomes ``queued`` again: its ``attempts``, ``failure_kind`` and its rows
+    in ``task_failures`` stay for the record, but those rows are marked cleared (they no
+    longer blocklist their agents for the job) and its failed agents and ``not_before`` are
+    emptied, so that every agent may try it again at once. When the job itself failed, the
+    tasks that its failing early canceled come back too, and the job is ``running`` again
+    (``queued`` if none of its tasks ever ran) with no ``finished_at``. Like new tasks, they
+    are dispatched by the dispatcher, which writes their outbox rows. One transaction, under
+    a lock on the job's row.
+
+    Args:
+        by: who asked (a user name), for the tasks' and the job's message.
+
+    Returns:
+        ``{"job_id", "failed": <failed tasks requeued>, "canceled": <tasks canceled by the job
+        failing, requeued>}``.
+
+    Raises:
+        ApiError: 404 unknown job; 409 when the job was canceled or has no failed task (a
+            completed job has none).
+    """
+    now = utcnow()
+    async with ctx.db.session() as s:
+        job = await s.get(Job, job_id, with_for_update=True, populate_existing=True)
+        if job is None:
+            raise not_found("job", job_id)
+        if job.state == sm.CANCELED:
+            raise ApiError(
+                409, f"job {job_id} was canceled: its tasks are not retried (submit it again)", "job_id"
+            )
+        states = [sm.FAILED, sm.CANCELED] if job.state == sm.FAILED else [sm.FAILED]
+        if not await _has(s, job_id, [sm.FAILED]):
+            raise ApiError(409, f"job {job_id} has no failed task to retry (it is {job.state})", "job_id")
+        await s.execute(  # before the tasks change: the subquery picks them by their state
+            update(TaskFailure)
+            .where(
+                TaskFailure.job_id == job_id,
+                TaskFailure.cleared_at.is_(None),
+                TaskFailure.task_id.in_(
+                    select(Task.id).where(Task.job_id == job_id, Task.state.in_(states)).scalar_subquery()
+                ),
+            )
+            .values(cleared_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        tasks = list(
+            (
+                await s.scalars(
+                    select(Task).where(Task.job_id == job_id, Task.state.in_(states)).order_by(Task.index)
+                )
+            ).all()
+        )
+        failed = sum(t.state == sm.FAILED for t in tasks)
+        canceled = len(tasks) - failed
+        who = f" (requested by {by})" if by else ""
+        for t in tasks:
+            sm.check_task_retry(t.state, job.state)
+            t.message = f"retried after it {'failed' if t.state == sm.FAILED else 'was canceled'}{who}"[:4000]
+            t.state = sm.QUEUED
+            t.failed_agents = None
+            t.not_before = t.dispatched_at = t.route = None
+            t.lease_id = t.lease_expires_at = t.current_frame = t.finished_at = None
+        await s.flush()
+        started = any(t.attempts for t in tasks) or await _has(s, job_id, [sm.RUNNING, sm.COMPLETED])
+        job.state, job.finished_at = sm.retried_job_state(started), None
+        also = f" and {canceled} canceled when the job failed" if canceled else ""
+        job.message = f"retrying {failed} failed task(s){also}{who}"[:4000]
+        await s.commit()
+    await ctx.wake_dispatcher()
+    await status_of(ctx).tasks(tasks)
+    await publish_job(ctx, job_id)
+    return {"job_id": job_id, "failed": failed, "canceled": canceled}
+
+
 async def _agent_done(s: AsyncSession, task: Task) -> None:
     """The task's agent no longer works on it (found by its unique name, not by a scan)."""
     if task.agent:
@@ -403,21 +480,25 @@ async def claim_task(ctx: FarmContext, task_id: str, agent: str, registered: boo
 
     A registered agent takes only tasks of the pool it registered in, of jobs whose device
     its route offers (:func:`protocol.devices.satisfies`), that it has not failed before and
-    of jobs it is not blocklisted for; with ``registered`` (what the agent API asks), an
-    agent that has not registered takes nothing. A task refused for its device, or to an
-    agent that failed it or is blocklisted, is handed back to the dispatcher at once (after
-    :data:`server.jobs.failure_policy.REDISPATCH_DELAY_S` seconds for the last two) so that it
+    of jobs it is not blocklisted for, and only while an admin has not disabled it; with
+    ``registered`` (what the agent API asks), an agent that has not registered takes nothing.
+    A task refused for its device, or to an agent that is disabled, failed it or is
+    blocklisted, is handed back to the dispatcher at once (after
+    :data:`server.jobs.failure_policy.REDISPATCH_DELAY_S` seconds for the last three) so that it
     reaches another agent.
 
     Raises:
         ApiError: 404 unknown task; 409 when the task is no longer wanted (canceled,
             finished, or already leased to another attempt), is for another pool or device,
-            the agent failed it or is blocklisted for its job, or the agent has not registered.
+            the agent is disabled, failed it or is blocklisted for its job, or the agent has
+            not registered.
     """
     lease_id = new_id()
     now = utcnow()
     async with ctx.db.session() as s:
-        me = (await s.execute(select(Agent.pool, Agent.route).where(Agent.name == agent))).first()
+        me = (
+            await s.execute(select(Agent.pool, Agent.route, Agent.enabled).where(Agent.name == agent))
+        ).first()
         if me is None and registered:
             raise ApiError(409, f"agent {agent!r} is not registered: POST /api/agent/register first", "agent")
         row = (  # the task, its job and its model in one round trip, only the columns used
@@ -452,7 +533,15 @@ async def claim_task(ctx: FarmContext, task_id: str, agent: str, registered: boo
                 raise ApiError(
                     409, f"task {task_id} is for pool {task.pool!r}; agent {agent!r} takes {pool!r}"
                 )
-            refusal, delay = await failure_policy.refusal(ctx, s, task, job, agent, route)
+            if not me.enabled:
+                refusal, delay = (
+                    f"agent {agent!r} is disabled: it takes no new task (an admin enables it with "
+                    f"PATCH /api/agents/{agent} or renderfarm agents --enable {agent}); task {task_id} "
+                    "goes to another agent",
+                    failure_policy.REDISPATCH_DELAY_S,
+                )
+            else:
+                refusal, delay = await failure_policy.refusal(ctx, s, task, job, agent, route)
             if refusal:
                 await s.execute(
                     update(Task)

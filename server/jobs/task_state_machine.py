@@ -1,10 +1,14 @@
 """Task and job states, the allowed transitions, and how a job's state follows from its tasks.
 
 Task: ``queued -> running -> completed | failed``; ``running -> queued`` when
-its lease is lost and attempts remain; ``queued | running -> canceled``.
+its lease is lost and attempts remain; ``queued | running -> canceled``;
+``failed -> queued`` when someone retries the job's failed tasks
+(``POST /api/jobs/{id}/retry``), and then also ``canceled -> queued`` for the tasks a job
+failing early canceled (:func:`check_task_retry`; a canceled job is never retried).
 Job: ``queued`` until a task runs, ``running`` while any task is unfinished,
 then ``completed`` (every task completed), ``failed`` (any task failed) or
-``canceled``.
+``canceled``; a retry reopens a failed job (``failed -> running | queued``,
+:func:`retried_job_state`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ _TASK_TRANSITIONS: dict[str, frozenset[str]] = {
     QUEUED: frozenset({RUNNING, CANCELED, FAILED}),
     RUNNING: frozenset({COMPLETED, FAILED, CANCELED, QUEUED}),
     COMPLETED: frozenset(),
-    FAILED: frozenset(),
+    FAILED: frozenset({QUEUED}),  # only by a retry of the job (check_task_retry)
     CANCELED: frozenset(),
 }
 
@@ -33,6 +37,24 @@ def check_task_transition(old: str, new: str) -> None:
     """Raise :class:`IllegalTransition` unless a task may go from ``old`` to ``new``."""
     if new not in _TASK_TRANSITIONS.get(old, frozenset()):
         raise IllegalTransition(f"task cannot go from {old} to {new}")
+
+
+def check_task_retry(old: str, job: str) -> None:
+    """Raise :class:`IllegalTransition` unless a retry of a job in state ``job`` may put a task
+    in state ``old`` back in the queue: a failed task, or a task canceled because its (not
+    canceled) job failed early. Completed, queued and running tasks stay as they are."""
+    if job == CANCELED:
+        raise IllegalTransition("the tasks of a canceled job are never retried")
+    if old == FAILED:
+        check_task_transition(old, QUEUED)
+    elif not (old == CANCELED and job == FAILED):
+        raise IllegalTransition(f"a retry cannot put a {old} task of a {job} job back in the queue")
+
+
+def retried_job_state(has_started: bool) -> str:
+    """A job's state once a retry put tasks of it back in the queue: ``running`` when any of
+    its tasks ran (``has_started``: one is running or finished), else ``queued``."""
+    return RUNNING if has_started else QUEUED
 
 
 def job_state(task_states: Iterable[str], current: str) -> str:

@@ -2,7 +2,10 @@
 
 An agent registers with its name, pool and capabilities when it starts, then
 heartbeats every ``heartbeat_s`` seconds. It is *online* while its last heartbeat
-is younger than ``max(3 * heartbeat_s, 15)`` seconds. Agents report over HTTP
+is younger than ``max(3 * heartbeat_s, 15)`` seconds. An admin may disable an agent
+(:func:`set_enabled`): it keeps heartbeating and shows online, but takes no new task (its
+claims are refused and the dispatcher routes nothing to it); a task it is rendering when it
+is disabled runs to its end and its result counts. Agents report over HTTP
 (like every task report), so the server checks the agent token and the task's
 lease on each call and can answer 409 at once; RabbitMQ carries only dispatch.
 """
@@ -56,6 +59,7 @@ def agent_dict(a: Agent, online_since: Any) -> dict[str, Any]:
         "version": a.version,
         "capabilities": a.capabilities or {},
         "online": a.state == "online" and a.last_seen_at >= online_since,
+        "enabled": a.enabled is not False,
         "current_task_id": a.current_task_id,
         "registered_at": a.registered_at.isoformat() + "Z",
         "last_seen_at": a.last_seen_at.isoformat() + "Z",
@@ -154,6 +158,34 @@ async def beat(ctx: FarmContext, name: str, stopping: bool = False) -> dict[str,
         agent.state = "offline" if stopping else "online"
         await s.commit()
         return agent_dict(agent, online_after(ctx))
+
+
+@retry_on_disconnect
+async def set_enabled(ctx: FarmContext, name: str, enabled: bool) -> dict[str, Any]:
+    """Enable or disable the agent ``name`` (either is allowed again, and changes nothing then).
+
+    A disabled agent takes no new task: the dispatcher routes nothing to it and its claims
+    are refused (409, and the task goes to another agent). A task it is rendering runs to its
+    end: its heartbeats, frames and result are accepted as before. It stays registered,
+    heartbeats and shows online; registering again (a restart) keeps it disabled.
+
+    Returns:
+        The agent (:func:`agent_dict`), ``enabled`` as set.
+
+    Raises:
+        ApiError: 404 when no agent of that name ever registered.
+    """
+    async with ctx.db.session() as s:
+        agent = await s.scalar(select(Agent).where(Agent.name == name))
+        if agent is None:
+            raise ApiError(404, f"agent {name!r} is not registered", "name")
+        changed = agent.enabled != enabled
+        agent.enabled = enabled
+        await s.commit()
+        out = agent_dict(agent, online_after(ctx))
+    if changed:
+        await ctx.wake_dispatcher()  # enabled: its routes open again; disabled: they shrink
+    return out
 
 
 @retry_on_disconnect

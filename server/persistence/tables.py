@@ -200,6 +200,9 @@ class Agent(Base):
     instance: Mapped[str] = mapped_column(String(64), default="")
     """A random id of the agent process now using the name (two processes may not share one)."""
     state: Mapped[str] = mapped_column(String(16), default="online")
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    """False once an admin disabled it (``PATCH /api/agents/{name}``): its claims are refused and
+    the dispatcher routes nothing to it; a task it is rendering runs to its end. It still heartbeats."""
     current_task_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     registered_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

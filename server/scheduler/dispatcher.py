@@ -9,11 +9,15 @@ priority, to the owner with the fewest tasks in flight or running in the pool (f
 between users), then to the oldest job, then in frame order.
 
 A task goes to a route of its job's pool whose backends satisfy the job's device
-(:func:`protocol.devices.satisfies`) and that holds an online agent neither blocklisted
-for the job nor among the agents that failed the task; of those, the one with the most
-free slots. A pool with no online agent keeps one route, the pool itself (the CPU queue),
-for jobs that any agent may render, so that work waits in the broker for the first agent
-to start; a job asking for a GPU then waits in the database, its message saying so.
+(:func:`protocol.devices.satisfies`) and that holds an online agent that is enabled
+(an admin may disable one: ``PATCH /api/agents/{name}``), neither blocklisted for the job
+nor among the agents that failed the task; of those, the one with the most free slots.
+A pool with no online agent keeps one route, the pool itself (the CPU queue), for jobs
+that any agent may render, so that work waits in the broker for the first agent to start;
+a job asking for a GPU then waits in the database, its message saying so. A route whose
+online agents are all disabled gets nothing (its window counts enabled agents only), and a
+pool whose online agents are all disabled does not fall back to its base route: its jobs
+wait, their message naming the disabled agents.
 Tasks whose ``not_before`` (retry backoff) is still ahead are left for a later pass.
 
 A dispatch marks the task (``dispatched_at``, ``route``) and writes its outbox row in one
@@ -63,17 +67,24 @@ async def online_agents(ctx: FarmContext) -> dict[str, int]:
         return {pool: n for pool, n in rows.all()}
 
 
-async def online_routes(s: AsyncSession, since: datetime, pools: set[str]) -> dict[str, dict[str, list[str]]]:
+async def online_routes(
+    s: AsyncSession, since: datetime, pools: set[str], disabled: set[str] | None = None
+) -> dict[str, dict[str, list[str]]]:
     """``{pool: {route: [online agent names]}}`` for ``pools``; a pool without an online agent
-    gets its base route (the pool itself) with no names, which any agent of the pool may serve."""
+    gets its base route (the pool itself) with no names, which any agent of the pool may serve.
+
+    Disabled agents are listed too (a pool whose agents are all disabled is not a pool without
+    agents); their names are added to ``disabled`` when it is given."""
     rows = await s.execute(
-        select(Agent.pool, Agent.route, Agent.name).where(
+        select(Agent.pool, Agent.route, Agent.name, Agent.enabled).where(
             Agent.state == "online", Agent.last_seen_at >= since, Agent.pool.in_(pools)
         )
     )
     out: dict[str, dict[str, list[str]]] = {p: {} for p in pools}
-    for pool, route, name in rows.all():
+    for pool, route, name, enabled in rows.all():
         out[pool].setdefault(route or pool, []).append(name)
+        if not enabled and disabled is not None:
+            disabled.add(name)
     for pool, routes in out.items():
         if not routes:
             routes[pool] = []
@@ -91,10 +102,19 @@ def _open_to(agents: list[str], excluded: set[str]) -> bool:
     return not agents or any(a not in excluded for a in agents)
 
 
-def _waiting_message(job: Job, satisfying: list[str]) -> str:
+def _waiting_message(
+    job: Job, satisfying: list[str], agents_of: dict[str, list[str]], disabled: set[str]
+) -> str:
     if not satisfying:
         return f"{WAITING_PREFIX} offering {job.device} in pool {job.pool}"
-    return f"{WAITING_PREFIX} offering {job.device} in pool {job.pool} that is not blocklisted for this job"
+    names = sorted({n for r in satisfying for n in agents_of[r]})
+    off = [n for n in names if n in disabled]
+    base = f"{WAITING_PREFIX} offering {job.device} in pool {job.pool} that is"
+    if off and len(off) == len(names):
+        return f"{base} enabled (disabled: {', '.join(off)})"
+    if off:
+        return f"{base} enabled and not blocklisted for this job (disabled: {', '.join(off)})"
+    return f"{base} not blocklisted for this job"
 
 
 @retry_on_disconnect
@@ -135,9 +155,10 @@ async def dispatch_once(ctx: FarmContext) -> int:
         if not jobs:
             return 0
         pools = {j.pool for j in jobs}
-        routes = await online_routes(s, online_since(ctx), pools)
+        disabled: set[str] = set()
+        routes = await online_routes(s, online_since(ctx), pools, disabled)
         agents_of = {r: names for pool_routes in routes.values() for r, names in pool_routes.items()}
-        blocked: dict[str, set[str]] = defaultdict(set)
+        blocked: dict[str, set[str]] = defaultdict(lambda: set(disabled))  # disabled: out of every job
         failing = [j.id for j in jobs if 0 < after <= j.failures]  # jobs that may have a blocklist
         if failing:
             rows = await s.execute(
@@ -147,12 +168,12 @@ async def dispatch_once(ctx: FarmContext) -> int:
                 .having(func.count() >= after)
             )
             for job_id, agent in rows.all():
-                blocked[job_id].add(agent)
+                blocked[job_id].add(agent)  # on top of the disabled agents
         job_routes: dict[str, list[str]] = {}
         for job in jobs:
             satisfying = [r for r in routes[job.pool] if satisfies(job.device, route_backends(r))]
             job_routes[job.id] = [r for r in satisfying if _open_to(agents_of[r], blocked[job.id])]
-            waiting = "" if job_routes[job.id] else _waiting_message(job, satisfying)
+            waiting = "" if job_routes[job.id] else _waiting_message(job, satisfying, agents_of, disabled)
             if job.message != waiting and (waiting or job.message.startswith(WAITING_PREFIX)):
                 job.message = waiting
                 noted.append(job.id)
@@ -163,7 +184,8 @@ async def dispatch_once(ctx: FarmContext) -> int:
         )
         inflight = {route: n for route, n in inflight_rows.all()}
         windows = {
-            r: fixed if fixed > 0 else max(MIN_WINDOW, 2 * len(names)) for r, names in agents_of.items()
+            r: fixed if fixed > 0 else max(MIN_WINDOW, 2 * sum(n not in disabled for n in names))
+            for r, names in agents_of.items()
         }
         free = {r: windows[r] - inflight.get(r, 0) for r in agents_of}
         due = {r: free[r] for r in sorted(agents_of) if free[r] >= refill_at(windows[r])}
