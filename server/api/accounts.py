@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
+from pydantic import BaseModel
 from sqlalchemy import select
 
-from server.api.access import client_ip, note, principal_of, record, target_of
+from server.api.access import PRINCIPAL, client_ip, note, principal_of, record, target_of
 from server.api.auth_schemas import (
     AgentTokenCreate,
     LoginRequest,
@@ -30,16 +32,123 @@ from server.api.auth_schemas import (
     UserOut,
     UserUpdate,
 )
-from server.api.middleware import CTX, parse_body
+from server.api.middleware import CTX, error_response, parse_body
 from server.api.registry import route
 from server.audit import log as audit_log
 from server.auth import service as auth
+from server.auth.principal import Principal
 from server.auth.throttle import login_gate
+from server.auth.tokens import opaque_kind
 from server.errors import ApiError
 from server.persistence.tables import Project
 
+M = TypeVar("M", bound=BaseModel)
+
 LOGIN_ACTION = "auth.login"
 """Audit action of login attempts (and of wrong current passwords on a password change)."""
+
+REFRESH_COOKIE = "rf_refresh"
+"""The cookie that holds the refresh token of a login made with ``"cookie": true`` (the web UI)."""
+COOKIE_PATH = "/api/auth"
+"""The cookie's ``Path``: the browser sends it to the refresh and logout routes only."""
+CSRF_HEADER = "X-Requested-With"
+CSRF_VALUE = "renderfarm"
+"""The header (and its value) a request authenticated by the cookie must carry: a cross-site
+form or a simple cross-site ``fetch`` cannot set it (a custom header needs a CORS preflight,
+which this server never grants)."""
+
+
+# ------------------------------------------------------------------ the refresh cookie
+
+
+def is_https(request: web.Request) -> bool:
+    """Whether the client reached the farm over https.
+
+    True when the connection itself is TLS (``request.secure``), or when the peer is one of
+    the ``trusted_proxies`` (settings, as for the client's address) and the first value of
+    its ``X-Forwarded-Proto`` is ``https`` (the scheme the client used at the outermost proxy).
+    """
+    if request.secure:
+        return True
+    networks = request.app[CTX].settings.proxy_networks()
+    if not networks:
+        return False
+    try:
+        peer = ipaddress.ip_address(request.remote or "")
+    except ValueError:
+        return False
+    if not any(peer in n for n in networks):
+        return False
+    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    return proto == "https"
+
+
+def own_origin(request: web.Request) -> str:
+    """This server's origin as the browser sees it: ``scheme://host[:port]`` (lower case)."""
+    return f"{'https' if is_https(request) else 'http'}://{request.host}".lower()
+
+
+def check_cookie_csrf(request: web.Request) -> None:
+    """Refuse a cookie-authenticated request that a page of another site could have sent.
+
+    Raises:
+        ApiError: 403 when ``X-Requested-With: renderfarm`` is missing, or when an ``Origin``
+            header is present and is not :func:`own_origin` (the scheme counts: an
+            ``https://`` page is not this ``http://`` server, nor the reverse).
+    """
+    if request.headers.get(CSRF_HEADER) != CSRF_VALUE:
+        raise ApiError(
+            403,
+            f"a request authenticated by the {REFRESH_COOKIE} cookie must send the header "
+            f"{CSRF_HEADER}: {CSRF_VALUE} (cross-site request forgery defence)",
+        )
+    origin = request.headers.get("Origin")
+    if origin is not None and origin.rstrip("/").lower() != own_origin(request):
+        raise ApiError(
+            403,
+            f"cross-origin request from {origin!r} refused: the {REFRESH_COOKIE} cookie is only "
+            f"accepted from {own_origin(request)!r}",
+        )
+
+
+def set_refresh_cookie(resp: web.StreamResponse, request: web.Request, token: str) -> None:
+    """Put ``token`` in the ``rf_refresh`` cookie of ``resp``: ``HttpOnly``, ``SameSite=Strict``,
+    ``Path=/api/auth``, ``Max-Age`` = the refresh token's life in seconds (``refresh_token_ttl_s``),
+    ``Secure`` when the request came over https (:func:`is_https`)."""
+    resp.set_cookie(
+        REFRESH_COOKIE,
+        token,
+        max_age=int(request.app[CTX].settings.refresh_token_ttl_s),
+        path=COOKIE_PATH,
+        httponly=True,
+        samesite="Strict",
+        secure=is_https(request),
+    )
+
+
+def clear_refresh_cookie(resp: web.StreamResponse, request: web.Request) -> None:
+    """Make the browser drop the ``rf_refresh`` cookie (``Max-Age=0``, same attributes)."""
+    resp.set_cookie(
+        REFRESH_COOKIE,
+        "",
+        max_age=0,
+        expires="Thu, 01 Jan 1970 00:00:00 GMT",
+        path=COOKIE_PATH,
+        httponly=True,
+        samesite="Strict",
+        secure=is_https(request),
+    )
+
+
+async def optional_body(request: web.Request, model: type[M]) -> M:
+    """:func:`parse_body`, or ``model()`` (its defaults) when the request has no body at all.
+
+    Raises:
+        ApiError: as :func:`parse_body` for a body that is sent.
+    """
+    if not request.body_exists:
+        return model()
+    return await parse_body(request, model)
 
 
 @route(
@@ -48,12 +157,17 @@ LOGIN_ACTION = "auth.login"
     permission="public",
     body=LoginRequest,
     response=SessionOut,
-    summary="Log in with a user name and password: an access token (15 min) and a refresh token",
+    summary="Log in with a user name and password: an access token (15 min) and a refresh token "
+    '(with "cookie": true the refresh token is set as the HttpOnly cookie rf_refresh instead)',
     also={429: "too many failed logins for this account or address: retry after Retry-After seconds"},
     audit=False,
 )
 async def login(request: web.Request) -> web.Response:
-    """Throttled per account and per client address, from the audit log's failed logins."""
+    """Throttled per account and per client address, from the audit log's failed logins.
+
+    With ``"cookie": true`` the body's ``refresh_token`` is null and the token is set as the
+    ``rf_refresh`` cookie (:func:`set_refresh_cookie`), for a browser page that must not hold it.
+    """
     ctx = request.app[CTX]
     req = await parse_body(request, LoginRequest)
     ip = client_ip(request)
@@ -75,7 +189,18 @@ async def login(request: web.Request) -> web.Response:
             actor_kind="user",
             status=200,
         )
-    return web.json_response(session.to_dict())
+    return session_response(request, session, req.cookie)
+
+
+def session_response(request: web.Request, session: auth.Session, cookie: bool) -> web.Response:
+    """The JSON answer of a login or refresh; with ``cookie``, the refresh token goes in the
+    ``rf_refresh`` cookie and the body's ``refresh_token`` is null."""
+    body = session.to_dict()
+    if not cookie:
+        return web.json_response(body)
+    resp = web.json_response({**body, "refresh_token": None}, headers={"Cache-Control": "no-store"})
+    set_refresh_cookie(resp, request, session.refresh_token)
+    return resp
 
 
 class Throttled(ApiError):
@@ -110,15 +235,45 @@ async def check_throttle(ctx: Any, request: web.Request, username: str, ip: str)
     permission="public",
     body=RefreshRequest,
     response=SessionOut,
-    summary="Exchange a refresh token for new tokens; a refresh token used twice revokes its login",
+    summary="Exchange a refresh token for new tokens; a refresh token used twice revokes its login. "
+    "Without refresh_token in the body the rf_refresh cookie is used (send X-Requested-With: renderfarm)",
+    also={403: "cookie used without X-Requested-With: renderfarm, or from another origin"},
     audit=False,
 )
 async def refresh(request: web.Request) -> web.Response:
-    """Rotation: the answer carries the next refresh token; the one sent is spent."""
+    """Rotation: the answer carries the next refresh token; the one sent is spent.
+
+    Without ``refresh_token`` in the body (or with no body), the ``rf_refresh`` cookie is the
+    refresh token: the request must pass :func:`check_cookie_csrf`, the next token is set as
+    the cookie (the body's ``refresh_token`` is null), and a refused cookie is cleared.
+    """
     ctx = request.app[CTX]
-    req = await parse_body(request, RefreshRequest)
+    req = await optional_body(request, RefreshRequest)
+    token = req.refresh_token
+    via_cookie = token is None
+    if token is None:
+        token = request.cookies.get(REFRESH_COOKIE)
+        if not token:
+            raise ApiError(
+                400,
+                f"send refresh_token in the body, or the {REFRESH_COOKIE} cookie (log in with "
+                '"cookie": true)',
+                "refresh_token",
+            )
+        try:
+            check_cookie_csrf(request)
+        except ApiError as exc:
+            await record(
+                ctx,
+                request,
+                action="auth.refresh",
+                outcome="denied",
+                status=exc.status,
+                detail={"message": exc.message, "cookie": True},
+            )
+            raise
     try:
-        session, user = await auth.refresh(ctx, req.refresh_token)
+        session, user = await auth.refresh(ctx, token)
     except auth.RefreshReuse as exc:
         await record(
             ctx,
@@ -130,7 +285,7 @@ async def refresh(request: web.Request) -> web.Response:
             target=f"family={exc.family}",
             status=401,
         )
-        raise
+        return _refused(request, exc, via_cookie)
     except ApiError as exc:
         await record(
             ctx,
@@ -140,7 +295,7 @@ async def refresh(request: web.Request) -> web.Response:
             status=exc.status,
             detail={"message": exc.message},
         )
-        raise
+        return _refused(request, exc, via_cookie)
     await record(
         ctx,
         request,
@@ -150,23 +305,89 @@ async def refresh(request: web.Request) -> web.Response:
         actor_kind="user",
         status=200,
     )
-    return web.json_response(session.to_dict())
+    return session_response(request, session, via_cookie)
+
+
+def _refused(request: web.Request, exc: ApiError, via_cookie: bool) -> web.Response:
+    """Raise ``exc`` for a body token; for the cookie, answer it and clear the dead cookie."""
+    if not via_cookie:
+        raise exc
+    resp = error_response(exc)
+    clear_refresh_cookie(resp, request)
+    return resp
 
 
 @route(
     "POST",
     "/api/auth/logout",
-    permission="self",
+    permission="public",
     body=LogoutRequest,
     status=204,
-    summary="End a login: its refresh token and the access tokens it issued stop working",
+    summary="End a login: its refresh token and the access tokens it issued stop working. Send the "
+    "access token (Authorization: Bearer), or only the rf_refresh cookie with X-Requested-With: "
+    "renderfarm; the cookie is cleared",
+    also={
+        400: "nothing names a login to end (no bearer token and no rf_refresh cookie), or an agent token",
+        401: "the bearer token is not valid, or a refresh_token sent without it",
+        403: "cookie used without X-Requested-With: renderfarm, or from another origin",
+    },
 )
 async def logout(request: web.Request) -> web.Response:
-    """Revokes the refresh family named (default: the calling access token's)."""
+    """Revokes the refresh family named, and clears the ``rf_refresh`` cookie (``Max-Age=0``).
+
+    Public in the route table, since the cookie alone may end its login; who is logged out is
+    decided here:
+
+    * with a bearer token: the family of the body's ``refresh_token`` if it is the caller's,
+      else the calling access token's (as before), and the cookie's login if it is the caller's;
+    * with no bearer token (or one no longer valid, e.g. an expired access token) and no body
+      token: the login of the ``rf_refresh`` cookie, after :func:`check_cookie_csrf`.
+
+    Raises:
+        ApiError: 400 nothing to end, or an agent token; 401 a bad bearer token and no cookie
+            to fall back on, or a body ``refresh_token`` without a bearer token; 403 the cookie
+            path's CSRF checks.
+    """
     ctx = request.app[CTX]
-    req = await parse_body(request, LogoutRequest)
-    await auth.logout(ctx, principal_of(request), req.refresh_token)
-    return web.Response(status=204)
+    req = await optional_body(request, LogoutRequest)
+    cookie = request.cookies.get(REFRESH_COOKIE) or None
+    if cookie is not None and opaque_kind(cookie) != "refresh":
+        cookie = None  # not a refresh token: nothing a logout could end with it
+    p: Principal | None = None
+    authorization = request.headers.get("Authorization")
+    if authorization is not None:
+        try:
+            p = await auth.authenticate(ctx, authorization)
+        except ApiError:
+            if cookie is None or req.refresh_token:
+                raise
+    if p is not None:
+        request[PRINCIPAL] = p
+        if p.kind != "user":
+            raise ApiError(400, "an agent token has no login to end (an admin revokes agent tokens)")
+        await auth.logout(ctx, p, req.refresh_token)
+        if cookie is not None and not req.refresh_token:
+            await auth.logout(ctx, p, cookie)  # the cookie's login too, when it is the caller's
+    elif req.refresh_token:
+        raise ApiError(
+            401, "authentication required: send the access token (Authorization: Bearer) with refresh_token"
+        )
+    elif cookie is not None:
+        check_cookie_csrf(request)
+        user_id, family = await auth.logout_refresh(ctx, cookie)
+        if user_id is not None:
+            name = await auth.username_of(ctx, user_id)
+            request[PRINCIPAL] = Principal(kind="user", name=name, user_id=user_id)
+            note(request, f"family={family}", cookie=True)
+    else:
+        raise ApiError(
+            400,
+            f"no login to end: send the access token (Authorization: Bearer), or the {REFRESH_COOKIE} "
+            f"cookie with {CSRF_HEADER}: {CSRF_VALUE}",
+        )
+    resp = web.Response(status=204)
+    clear_refresh_cookie(resp, request)
+    return resp
 
 
 @route(

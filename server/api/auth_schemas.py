@@ -34,16 +34,28 @@ class LoginRequest(_Strict):
 
     username: str = Field(min_length=1, max_length=64)
     password: str = Field(min_length=1, max_length=1024)
+    cookie: StrictBool = Field(
+        False,
+        description="true: the refresh token is set as the HttpOnly cookie rf_refresh (Path=/api/auth, "
+        "SameSite=Strict) instead of being returned in the body (for the web UI)",
+    )
 
 
 class RefreshRequest(_Strict):
-    """``POST /api/auth/refresh`` and ``/api/auth/logout``."""
+    """``POST /api/auth/refresh``: the refresh token, or none to use the ``rf_refresh`` cookie
+    (which then needs the header ``X-Requested-With: renderfarm``)."""
 
-    refresh_token: str = Field(min_length=1, max_length=200)
+    refresh_token: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="omit to use the rf_refresh cookie (send X-Requested-With: renderfarm)",
+    )
 
 
 class LogoutRequest(_Strict):
-    """``POST /api/auth/logout``: the refresh token of the login to end (default: the caller's)."""
+    """``POST /api/auth/logout``: the refresh token of the login to end (default: the caller's, or
+    the ``rf_refresh`` cookie's when no bearer token is sent)."""
 
     refresh_token: str | None = Field(None, max_length=200)
 
@@ -54,7 +66,9 @@ class SessionOut(BaseModel):
     access_token: str
     token_type: str = "bearer"  # noqa: S105  (the OAuth 2.0 token type, RFC 6750)
     expires_in: int = Field(description="seconds the access token is valid")
-    refresh_token: str
+    refresh_token: str | None = Field(
+        None, description="null when the refresh token was set as the rf_refresh cookie instead"
+    )
 
 
 class ProjectRole(BaseModel):

@@ -632,6 +632,33 @@ async def logout(ctx: Any, principal: Principal, refresh_token: str | None) -> N
             await access_cache(ctx).bump()
 
 
+async def logout_refresh(ctx: Any, refresh_token: str) -> tuple[str | None, str | None]:
+    """End the login (refresh family) that ``refresh_token`` belongs to, whatever the token's
+    state (used, revoked or expired): holding one of its tokens is proof enough to end a login,
+    never to extend it.
+
+    Returns:
+        ``(user_id, family)`` of the login ended, or ``(None, None)`` when the token is not a
+        known refresh token.
+    """
+    if opaque_kind(refresh_token) != "refresh":
+        return None, None
+    async with ctx.db.session() as s:
+        h = token_hash(refresh_token)
+        row = await s.scalar(select(ApiToken).where(ApiToken.token_hash == h, ApiToken.kind == "refresh"))
+        if row is None or not row.family_id:
+            return None, None
+        user_id, family = row.user_id, row.family_id
+        await s.execute(
+            update(ApiToken)
+            .where(ApiToken.family_id == family, ApiToken.revoked_at.is_(None))
+            .values(revoked_at=utcnow())
+        )
+        await s.commit()
+    await access_cache(ctx).bump()
+    return user_id, family
+
+
 # ------------------------------------------------------------------ personal and agent tokens
 
 
