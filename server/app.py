@@ -6,7 +6,7 @@ import logging
 
 from aiohttp import web
 
-from server.api import accounts, agent, audit, jobs, meta, models, nodes, outputs  # noqa: F401  (modules register their routes)
+from server.api import accounts, agent, audit, events, jobs, meta, models, nodes, outputs  # noqa: F401  (modules register their routes)
 from server.api import metrics as _metrics_routes  # noqa: F401  (GET /metrics)
 from server.api.access import auth_middleware
 from server.api.middleware import CTX, errors_middleware, origin_middleware

@@ -298,6 +298,7 @@ SAMPLES: dict[tuple[str, str], Sample] = {
     ("GET", "/api/jobs"): Sample(),
     ("GET", "/api/jobs/{job_id}"): Sample(),
     ("GET", "/api/jobs/{job_id}/events"): Sample(),
+    ("GET", "/api/events"): Sample(),
     ("GET", "/api/jobs/{job_id}/tasks"): Sample(),
     ("GET", "/api/tasks/{task_id}/status"): Sample(),
     ("PATCH", "/api/jobs/{job_id}"): Sample(json={"priority": 1}),
