@@ -17,6 +17,7 @@ from server.metrics import metrics_for
 from server.scheduler import Scheduler
 from server.scheduler.dispatcher import forget_dispatches
 from server.scheduler.reconciler import reconcile_cache
+from server.web import routes as _web_routes  # noqa: F401  (GET /, the web UI)
 
 log = logging.getLogger(__name__)
 

@@ -306,6 +306,9 @@ SAMPLES: dict[tuple[str, str], Sample] = {
     ("POST", "/api/jobs/{job_id}/retry"): Sample(),  # 409 for those allowed: nothing failed
     ("GET", "/api/jobs/{job_id}/blocklist"): Sample(),
     ("DELETE", "/api/jobs/{job_id}/blocklist/{agent}"): Sample(),  # 404 for those allowed: not blocklisted
+    # the web UI
+    ("GET", "/"): Sample(),
+    ("GET", "/ui/{file}"): Sample(),
     # meta
     ("GET", "/healthz"): Sample(),
     ("GET", "/api/openapi.json"): Sample(),
@@ -358,6 +361,7 @@ def default_params(w: World) -> dict[str, str]:
         "frame": "1",
         "key": "anything",
         "agent": AGENT,
+        "file": "app.js",
     }
 
 

@@ -1,0 +1,460 @@
+// renderfarm web UI: one page, no build step. Talks to the REST API with an access token kept in
+// memory only; the refresh token is an httpOnly, SameSite=Strict cookie this script cannot read.
+// Everything shown is set with textContent (never innerHTML), so nothing a user typed runs.
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const main = () => $("#main");
+const POLL_MS = 2000; // fallback polling, never faster than every 2 s
+
+// ------------------------------------------------------------------ API client
+
+const auth = { token: null, me: null };
+
+class ApiError extends Error {
+  constructor(status, message, field) {
+    super(message);
+    this.status = status;
+    this.field = field;
+  }
+}
+
+async function refresh() {
+  const r = await fetch("/api/auth/refresh", {
+    method: "POST",
+    credentials: "same-origin",
+    headers: { "X-Requested-With": "renderfarm", "Content-Type": "application/json" },
+    body: "{}",
+  });
+  if (!r.ok) return false;
+  const body = await r.json();
+  auth.token = body.access_token;
+  return true;
+}
+
+async function api(method, path, body, { raw = false, retry = true } = {}) {
+  const headers = { Accept: "application/json" };
+  if (auth.token) headers.Authorization = `Bearer ${auth.token}`;
+  let payload;
+  if (body !== undefined) {
+    headers["Content-Type"] = "application/json";
+    payload = JSON.stringify(body);
+  }
+  const r = await fetch(path, { method, headers, body: payload, credentials: "same-origin" });
+  if (r.status === 401 && retry && (await refresh())) return api(method, path, body, { raw, retry: false });
+  if (r.status === 401) {
+    auth.token = null;
+    go("#/login");
+    throw new ApiError(401, "your session ended: log in again");
+  }
+  if (!r.ok) {
+    let message = `${r.status} ${r.statusText}`;
+    let field;
+    try {
+      const err = (await r.json()).error || {};
+      message = err.message || message;
+      field = err.field;
+    } catch (e) { /* not JSON */ }
+    throw new ApiError(r.status, message, field);
+  }
+  if (raw) return r;
+  return r.status === 204 ? null : r.json();
+}
+
+// ------------------------------------------------------------------ small DOM helpers
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else if (k === "text") node.textContent = v;
+    else node.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(String(c ?? "")));
+  return node;
+}
+
+function say(message, bad = false) {
+  const s = $("#status");
+  s.textContent = message;
+  s.className = bad ? "error" : "muted";
+}
+
+function table(columns, rows, caption) {
+  const t = el("table", {}, el("caption", { class: "muted", text: caption || "" }));
+  t.append(el("thead", {}, el("tr", {}, ...columns.map((c) => el("th", { scope: "col" }, c)))));
+  const tb = el("tbody");
+  for (const r of rows) tb.append(el("tr", {}, ...r.map((c) => el("td", {}, c))));
+  t.append(tb);
+  return t;
+}
+
+function age(iso) {
+  if (!iso) return "-";
+  const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+  if (s < 60) return `${Math.round(s)} s`;
+  if (s < 3600) return `${Math.round(s / 60)} min`;
+  if (s < 86400) return `${Math.round(s / 3600)} h`;
+  return `${Math.round(s / 86400)} d`;
+}
+
+function can(what) {
+  const me = auth.me;
+  if (!me) return false;
+  if (me.is_admin) return true;
+  const roles = (me.projects || []).map((p) => p.role);
+  if (what === "submit") return roles.some((r) => r === "artist" || r === "manager");
+  return false;
+}
+
+// ------------------------------------------------------------------ live events
+
+// Reads server-sent events with fetch (an EventSource cannot send the Authorization header);
+// calls onEvent(obj) per event; falls back to polling `poll` every POLL_MS when the stream breaks.
+function live(path, onEvent, poll) {
+  let stopped = false;
+  let timer = null;
+  const ctrl = new AbortController();
+  (async () => {
+    try {
+      const r = await api("GET", path, undefined, { raw: true });
+      const reader = r.body.getReader();
+      const dec = new TextDecoder();
+      let buf = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done || stopped) break;
+        buf += dec.decode(value, { stream: true });
+        let i;
+        while ((i = buf.indexOf("\n\n")) >= 0) {
+          const block = buf.slice(0, i);
+          buf = buf.slice(i + 2);
+          const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5)).join("\n");
+          if (data) {
+            try { onEvent(JSON.parse(data)); } catch (e) { /* a malformed event is skipped */ }
+          }
+        }
+      }
+    } catch (e) { /* stream refused or broken: poll instead */ }
+    if (!stopped && poll) {
+      const tick = async () => {
+        if (stopped) return;
+        try { await poll(); } catch (e) { /* next tick */ }
+        timer = setTimeout(tick, POLL_MS);
+      };
+      timer = setTimeout(tick, POLL_MS);
+    }
+  })();
+  return () => { stopped = true; ctrl.abort(); if (timer) clearTimeout(timer); };
+}
+
+// ------------------------------------------------------------------ pages
+
+let leave = () => {};
+
+function go(hash) {
+  if (location.hash !== hash) location.hash = hash;
+  else route();
+}
+
+async function route() {
+  leave();
+  leave = () => {};
+  const hash = location.hash || "#/jobs";
+  const m = main();
+  m.replaceChildren();
+  if (!auth.token && hash !== "#/login") {
+    if (!(await refresh())) return go("#/login");
+  }
+  if (auth.token && !auth.me) await loadMe();
+  try {
+    if (hash === "#/login") return await loginPage(m);
+    if (hash === "#/jobs") return await jobsPage(m);
+    if (hash === "#/submit") return await submitPage(m);
+    if (hash.startsWith("#/jobs/")) return await jobPage(m, decodeURIComponent(hash.slice(7)));
+    if (hash === "#/nodes") return await nodesPage(m);
+    m.append(el("h1", { text: "Not found" }), el("p", {}, el("a", { href: "#/jobs", text: "Jobs" })));
+  } catch (e) {
+    say(e.message, true);
+  }
+}
+
+async function loadMe() {
+  auth.me = await api("GET", "/api/me");
+  $("#nav").hidden = false;
+  $("#logout").hidden = false;
+  $("#who").textContent = `${auth.me.username}${auth.me.is_admin ? " (admin)" : ""}`;
+  for (const a of document.querySelectorAll("#nav [data-needs]")) a.hidden = !can(a.dataset.needs);
+}
+
+function loginPage(m) {
+  $("#nav").hidden = true;
+  $("#logout").hidden = true;
+  $("#who").textContent = "";
+  const err = el("p", { class: "error", role: "alert" });
+  const form = el("form", { class: "card", "aria-labelledby": "login-h" },
+    el("h1", { id: "login-h", text: "Log in" }),
+    el("label", { for: "username", text: "User name" }),
+    el("input", { id: "username", name: "username", type: "text", autocomplete: "username", required: true }),
+    el("label", { for: "password", text: "Password" }),
+    el("input", { id: "password", name: "password", type: "password", autocomplete: "current-password", required: true }),
+    el("p", {}, el("button", { class: "primary", type: "submit", text: "Log in" })),
+    err);
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    err.textContent = "";
+    const r = await fetch("/api/auth/login", {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-Requested-With": "renderfarm" },
+      body: JSON.stringify({ username: form.username.value, password: form.password.value, cookie: true }),
+    });
+    form.password.value = "";
+    if (!r.ok) {
+      let message = `${r.status}`;
+      try { message = (await r.json()).error.message; } catch (e) { /* keep status */ }
+      err.textContent = message;
+      return;
+    }
+    auth.token = (await r.json()).access_token;
+    await loadMe();
+    go("#/jobs");
+  });
+  m.append(form);
+  $("#username").focus();
+}
+
+function stateCell(state) {
+  return el("span", { class: `state-${state}`, text: state });
+}
+
+function progressCell(job) {
+  return el("span", {}, el("progress", { max: 100, value: job.progress, "aria-label": `progress of ${job.name}` }),
+    ` ${Math.round(job.progress)}%`);
+}
+
+async function jobsPage(m) {
+  const jobs = new Map();
+  const stateFilter = el("select", { id: "f-state", "aria-label": "Filter by state" },
+    ...["", "queued", "running", "completed", "failed", "canceled"].map((s) => el("option", { value: s, text: s || "any state" })));
+  const textFilter = el("input", { id: "f-text", type: "text", placeholder: "name, owner or project", "aria-label": "Filter by text" });
+  const cancelBtn = el("button", { type: "button", id: "bulk-cancel", text: "Cancel selected" });
+  const holder = el("div");
+  m.append(el("h1", { text: "Jobs" }),
+    el("div", { class: "row" }, el("label", { for: "f-state", text: "State" }), stateFilter,
+      el("label", { for: "f-text", text: "Search" }), textFilter, cancelBtn),
+    holder);
+  const projects = new Map((auth.me.projects || []).map((p) => [p.id, p.name]));
+  const selected = new Set();
+  const draw = () => {
+    const want = stateFilter.value;
+    const text = textFilter.value.trim().toLowerCase();
+    const rows = [...jobs.values()]
+      .filter((j) => !want || j.state === want)
+      .filter((j) => !text || `${j.name} ${j.owner} ${projects.get(j.project_id) || ""}`.toLowerCase().includes(text))
+      .sort((a, b) => (a.created_at < b.created_at ? 1 : -1))
+      .map((j) => {
+        const box = el("input", { type: "checkbox", "aria-label": `select ${j.name}`, checked: selected.has(j.id) });
+        box.addEventListener("change", () => (box.checked ? selected.add(j.id) : selected.delete(j.id)));
+        return [box, el("a", { href: `#/jobs/${encodeURIComponent(j.id)}`, text: j.name || j.id }), stateCell(j.state),
+          progressCell(j), `${j.frames_done}/${j.frame_count}`, j.owner, projects.get(j.project_id) || j.project_id || "-",
+          String(j.priority), age(j.created_at)];
+      });
+    holder.replaceChildren(table(["", "Job", "State", "Progress", "Frames", "Owner", "Project", "Priority", "Age"], rows,
+      `${rows.length} of ${jobs.size} jobs`));
+    holder.querySelector("table").id = "jobs";
+  };
+  stateFilter.addEventListener("change", draw);
+  textFilter.addEventListener("input", draw);
+  cancelBtn.addEventListener("click", async () => {
+    for (const id of selected) {
+      try { jobs.set(id, await api("POST", `/api/jobs/${encodeURIComponent(id)}/cancel`)); } catch (e) { say(e.message, true); }
+    }
+    selected.clear();
+    draw();
+  });
+  const load = async () => {
+    for (const j of (await api("GET", "/api/jobs?limit=200")).jobs) jobs.set(j.id, j);
+    draw();
+  };
+  await load();
+  leave = live("/api/events", (ev) => {
+    if (ev.type === "job" && ev.job) {
+      jobs.set(ev.job.id, ev.job);
+      draw();
+    }
+  }, load);
+}
+
+async function jobPage(m, id) {
+  const head = el("div");
+  const actions = el("div", { class: "row" });
+  const tasksHolder = el("div");
+  const gallery = el("div", { class: "gallery", id: "gallery" });
+  const viewer = el("dialog", { id: "viewer" });
+  m.append(head, actions, el("h2", { text: "Tasks" }), tasksHolder, el("h2", { text: "Frames" }), gallery, viewer);
+  let job = await api("GET", `/api/jobs/${encodeURIComponent(id)}`);
+  const shown = new Set();
+  const drawHead = () => {
+    head.replaceChildren(el("h1", {}, `${job.name} `, stateCell(job.state)),
+      el("p", {}, progressCell(job), ` ${job.frames_done} of ${job.frame_count} frames · owner ${job.owner} · priority ${job.priority}`,
+        job.message ? el("span", { class: "muted", text: ` · ${job.message}` }) : ""));
+  };
+  const prio = el("input", { id: "priority", type: "number", min: -100, max: 100, value: job.priority, "aria-label": "Priority" });
+  actions.append(
+    el("a", { href: `/api/jobs/${encodeURIComponent(id)}/outputs.zip`, id: "zip", text: "Download all (zip)", onclick: downloadZip }),
+    el("button", { type: "button", id: "cancel", text: "Cancel job", onclick: async () => { job = await api("POST", `/api/jobs/${encodeURIComponent(id)}/cancel`); drawHead(); } }),
+    el("button", { type: "button", id: "retry", text: "Retry failed tasks", onclick: async () => {
+      try { job = await api("POST", `/api/jobs/${encodeURIComponent(id)}/retry`); drawHead(); } catch (e) { say(e.message, true); } } }),
+    el("label", { for: "priority", text: "Priority" }), prio,
+    el("button", { type: "button", text: "Set priority", onclick: async () => {
+      try { job = await api("PATCH", `/api/jobs/${encodeURIComponent(id)}`, { priority: Number(prio.value) }); drawHead(); } catch (e) { say(e.message, true); } } }));
+  async function downloadZip(ev) {
+    ev.preventDefault();
+    const r = await api("GET", `/api/jobs/${encodeURIComponent(id)}/outputs.zip`, undefined, { raw: true });
+    const url = URL.createObjectURL(await r.blob());
+    const a = el("a", { href: url, download: `job-${id}.zip` });
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60000);
+  }
+  const drawTasks = async () => {
+    const tasks = (await api("GET", `/api/jobs/${encodeURIComponent(id)}/tasks`)).tasks;
+    tasksHolder.replaceChildren(table(["#", "Frames", "State", "Agent", "Attempts", "Render s", "Log"], tasks.map((t) => [
+      String(t.index), t.frames.length > 3 ? `${t.frames[0]}…${t.frames[t.frames.length - 1]}` : t.frames.join(","),
+      stateCell(t.state), t.agent || "-", String(t.attempts), t.render_seconds.toFixed(1),
+      el("details", {}, el("summary", { text: `${t.log_tail.length} lines` }), el("pre", { class: "log", text: t.log_tail.join("\n") })),
+    ])));
+  };
+  const drawFrames = async () => {
+    const outs = (await api("GET", `/api/jobs/${encodeURIComponent(id)}/outputs`)).frames;
+    for (const f of outs) {
+      if (shown.has(f.frame)) continue;
+      shown.add(f.frame);
+      const img = el("img", { alt: `frame ${f.frame}` });
+      const fig = el("figure", {}, el("button", { type: "button", "aria-label": `open frame ${f.frame}`, onclick: () => openFrame(f.frame) }, img),
+        el("figcaption", { text: `frame ${f.frame}` }));
+      gallery.append(fig);
+      try {
+        const r = await api("GET", `/api/jobs/${encodeURIComponent(id)}/outputs/${f.frame}/thumbnail?size=256`, undefined, { raw: true });
+        img.src = URL.createObjectURL(await r.blob());
+      } catch (e) { img.alt = `frame ${f.frame} (no preview)`; }
+    }
+  };
+  async function openFrame(frame) {
+    const r = await api("GET", `/api/jobs/${encodeURIComponent(id)}/outputs/${frame}`, undefined, { raw: true });
+    viewer.replaceChildren(el("img", { alt: `frame ${frame}`, src: URL.createObjectURL(await r.blob()) }),
+      el("p", {}, el("button", { type: "button", text: "Close", onclick: () => viewer.close() })));
+    viewer.showModal();
+  }
+  drawHead();
+  await Promise.all([drawTasks(), drawFrames()]);
+  let pending = null;
+  const refreshAll = async () => {
+    job = await api("GET", `/api/jobs/${encodeURIComponent(id)}`);
+    drawHead();
+    await Promise.all([drawTasks(), drawFrames()]);
+  };
+  leave = live(`/api/jobs/${encodeURIComponent(id)}/events`, (ev) => {
+    if (ev.type === "job" && ev.job) { job = ev.job; drawHead(); }
+    if (!pending) pending = setTimeout(async () => { pending = null; await Promise.all([drawTasks(), drawFrames()]); }, 500);
+  }, refreshAll);
+}
+
+function submitPage(m) {
+  const out = el("div");
+  const file = el("input", { id: "file", type: "file", accept: ".blend,.zip", required: true });
+  const bar = el("progress", { id: "upload-progress", max: 100, value: 0, "aria-label": "Upload progress" });
+  const projectSel = el("select", { id: "project" },
+    ...(auth.me.projects || []).filter((p) => auth.me.is_admin || p.role === "artist" || p.role === "manager")
+      .map((p) => el("option", { value: p.name, text: p.name })));
+  const form = el("form", { class: "card" }, el("h1", { text: "Submit a job" }),
+    el("label", { for: "project", text: "Project" }), projectSel,
+    el("label", { for: "file", text: ".blend or .zip" }), file,
+    el("p", {}, el("button", { type: "submit", class: "primary", text: "Upload" }), " ", bar), out);
+  m.append(form);
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const f = file.files[0];
+    if (!f) return;
+    const xhr = new XMLHttpRequest(); // fetch cannot report upload progress
+    xhr.open("POST", `/api/models?filename=${encodeURIComponent(f.name)}&project=${encodeURIComponent(projectSel.value)}`);
+    xhr.setRequestHeader("Authorization", `Bearer ${auth.token}`);
+    xhr.setRequestHeader("Content-Type", "application/octet-stream");
+    xhr.upload.onprogress = (e) => { if (e.lengthComputable) bar.value = (100 * e.loaded) / e.total; };
+    xhr.onload = () => {
+      let body = {};
+      try { body = JSON.parse(xhr.responseText); } catch (e) { /* not JSON */ }
+      if (xhr.status >= 400) {
+        out.replaceChildren(el("p", { class: "error", role: "alert", text: (body.error && body.error.message) || `${xhr.status}` }));
+        return;
+      }
+      bar.value = 100;
+      modelForm(out, body);
+    };
+    xhr.onerror = () => out.replaceChildren(el("p", { class: "error", role: "alert", text: "the upload failed" }));
+    xhr.send(f);
+  });
+}
+
+function modelForm(out, model) {
+  const info = model.info || {};
+  const scene = (info.scenes || [])[0] || {};
+  const missing = info.missing || [];
+  const field = (id, label, input) => [el("label", { for: id, text: label }), input];
+  const frames = el("input", { id: "frames", type: "text", value: scene.frame_start !== undefined ? `${scene.frame_start}-${scene.frame_end}` : "1", required: true });
+  const chunk = el("input", { id: "chunk", type: "number", min: 1, value: 1 });
+  const device = el("select", { id: "device" }, ...["any", "cpu", "gpu"].map((d) => el("option", { value: d, text: d })));
+  const samples = el("input", { id: "samples", type: "number", min: 0, value: 0 });
+  const fmt = el("select", { id: "format" }, ...["PNG", "OPEN_EXR", "JPEG"].map((d) => el("option", { value: d, text: d })));
+  const allow = el("input", { id: "allow-missing", type: "checkbox" });
+  const err = el("p", { class: "error", role: "alert" });
+  const form = el("form", {},
+    el("h2", { text: `Model ${model.filename}` }),
+    el("p", { class: "muted", text: `Blender ${info.blender_version || "?"} · scenes: ${(info.scenes || []).map((s) => s.name).join(", ") || "-"} · camera: ${scene.camera || "none"} · ${scene.resolution_x || "?"}×${scene.resolution_y || "?"} · engine ${scene.engine || "?"}` }),
+    missing.length ? el("div", {}, el("p", { class: "error", text: `${missing.length} missing file(s):` }), el("ul", {}, ...missing.map((p) => el("li", { text: p })))) : el("p", { class: "muted", text: "no missing files" }),
+    ...field("frames", "Frames", frames), ...field("chunk", "Frames per task", chunk), ...field("device", "Device", device),
+    ...field("samples", "Samples (0: the file's)", samples), ...field("format", "Format", fmt),
+    el("label", {}, allow, " render although files are missing"),
+    el("p", {}, el("button", { type: "submit", class: "primary", id: "create-job", text: "Submit job" })), err);
+  out.replaceChildren(form);
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    err.textContent = "";
+    try {
+      const job = await api("POST", "/api/jobs", {
+        model_id: model.id, frames: frames.value, chunk_size: Number(chunk.value), device: device.value,
+        samples: Number(samples.value) || null, output_format: fmt.value, allow_missing: allow.checked,
+      });
+      go(`#/jobs/${encodeURIComponent(job.id)}`);
+    } catch (e) {
+      err.textContent = e.field ? `${e.field}: ${e.message}` : e.message;
+    }
+  });
+}
+
+async function nodesPage(m) {
+  const agents = (await api("GET", "/api/agents")).agents;
+  m.append(el("h1", { text: "Nodes" }), table(["Agent", "Pool", "Online", "Current task", "Last heartbeat", "Capabilities"], agents.map((a) => [
+    a.name, a.pool || "-", a.online ? "online" : "offline", a.current_task_id || "-", age(a.last_heartbeat_at || a.last_seen_at),
+    JSON.stringify(a.capabilities || {}),
+  ])));
+}
+
+// ------------------------------------------------------------------ start
+
+window.addEventListener("hashchange", route);
+window.addEventListener("DOMContentLoaded", () => {
+  $("#logout").addEventListener("click", async () => {
+    try {
+      await fetch("/api/auth/logout", { method: "POST", credentials: "same-origin",
+        headers: { "X-Requested-With": "renderfarm", "Content-Type": "application/json", Authorization: `Bearer ${auth.token}` }, body: "{}" });
+    } finally {
+      auth.token = null;
+      auth.me = null;
+      go("#/login");
+    }
+  });
+  route();
+});

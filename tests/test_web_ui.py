@@ -1,0 +1,122 @@
+"""The web UI in a real browser: Debian's chromium driven by Playwright (its own browser download
+cannot reach the internet here), against the in-process farm with a real local agent.
+
+Screenshots of each step are kept in ``test-artifacts/web-ui/`` at the repository root."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import zipfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Farm
+
+CHROMIUM = os.environ.get("RENDERFARM_TEST_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "web-ui"
+PASSWORD = "grace-Hopper-1906"
+pytestmark = [pytest.mark.blender, pytest.mark.slow]
+
+playwright_api = pytest.importorskip("playwright.async_api", reason="pip install -e '.[dev]' has playwright")
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    if not shutil.which(CHROMIUM) and not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} not found: apt-get install chromium (.ci/run does)")
+    async with playwright_api.async_playwright() as pw:
+        b = await pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+async def user(farm: Farm, name: str, project: str, role: str = "artist") -> None:
+    await farm.client.create_user(name, PASSWORD)
+    await farm.client.set_member(project, name, role)
+
+
+async def shot(page: Any, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+async def login(page: Any, url: str, name: str) -> None:
+    await page.goto(url + "/")
+    await page.get_by_label("User name").fill(name)
+    await page.get_by_label("Password").fill(PASSWORD)
+    await page.get_by_role("button", name="Log in").click()
+    await page.get_by_role("heading", name="Jobs").wait_for()
+
+
+async def test_submit_watch_gallery_and_zip_in_a_browser(
+    farm: Farm, browser: Any, sample_blend: Path, tmp_path: Path
+) -> None:
+    await user(farm, "grace", "default")
+    await farm.client.create_project("other")
+    await user(farm, "linus", "other")
+    context = await browser.new_context(accept_downloads=True, viewport={"width": 1366, "height": 768})
+    page = await context.new_page()
+    problems: list[str] = []  # script errors, CSP violations, 5xx answers (4xx ones are UI paths)
+    page.on("console", lambda m: problems.append(m.text) if "Content Security Policy" in m.text else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 500 else None)
+    loads: list[str] = []
+    page.on("load", lambda p: loads.append(p.url))
+
+    resp = await page.goto(farm.url + "/")
+    csp = resp.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
+    await login(page, farm.url, "grace")
+    await shot(page, "01-jobs-empty")
+    loads.clear()
+
+    # submit the sample scene: upload with progress, the model's metadata, then the job
+    await page.get_by_role("link", name="Submit").click()
+    await page.get_by_label(".blend or .zip").set_input_files(str(sample_blend))
+    await page.get_by_role("button", name="Upload").click()
+    await page.get_by_role("button", name="Submit job").wait_for()
+    assert await page.locator("#upload-progress").get_attribute("value") == "100"
+    assert await page.get_by_text("no missing files").is_visible()
+    await shot(page, "02-model")
+    await page.get_by_label("Frames", exact=True).fill("1-2")
+    await page.get_by_role("button", name="Submit job").click()
+    await page.locator("h1 .state-completed").wait_for(timeout=240_000)  # live, no reload
+    assert loads == [], loads  # the page never reloaded
+    await page.locator("#gallery img[src^='blob:']").nth(1).wait_for()
+    await shot(page, "03-job-completed")
+    job_id = page.url.rsplit("/", 1)[-1]
+
+    # the gallery's full-size view, then every frame as a zip
+    await page.get_by_role("button", name="open frame 1").click()
+    await page.locator("#viewer img").wait_for()
+    await shot(page, "04-frame")
+    await page.get_by_role("button", name="Close").click()
+    async with page.expect_download() as info:
+        await page.get_by_role("link", name="Download all (zip)").click()
+    download = await info.value
+    path = tmp_path / "frames.zip"
+    await download.save_as(str(path))
+    with zipfile.ZipFile(path) as zf:
+        assert sorted(n.rsplit(".", 1)[-1] for n in zf.namelist()) == ["png", "png"]
+
+    # the jobs table shows it, completed
+    await page.get_by_role("link", name="Jobs").click()
+    row = page.locator("#jobs tbody tr", has_text="completed")
+    await row.first.wait_for()
+    assert problems == [], problems
+
+    # an artist of another project neither lists it nor opens it
+    other = await (await browser.new_context()).new_page()
+    await login(other, farm.url, "linus")
+    await other.locator("#jobs caption").wait_for()
+    assert await other.locator("#jobs tbody tr").count() == 0
+    await other.goto(f"{farm.url}/#/jobs/{job_id}")
+    await other.get_by_role("status").filter(has_text="not found").wait_for()
+    await shot(other, "05-other-project")
+    await context.close()
