@@ -46,10 +46,10 @@ async def shot(page: Any, name: str) -> None:
     await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
-async def login(page: Any, url: str, name: str) -> None:
+async def login(page: Any, url: str, name: str, password: str = PASSWORD) -> None:
     await page.goto(url + "/")
     await page.get_by_label("User name").fill(name)
-    await page.get_by_label("Password").fill(PASSWORD)
+    await page.get_by_label("Password").fill(password)
     await page.get_by_role("button", name="Log in").click()
     await page.get_by_role("heading", name="Jobs").wait_for()
 
@@ -120,3 +120,63 @@ async def test_submit_watch_gallery_and_zip_in_a_browser(
     await other.get_by_role("status").filter(has_text="not found").wait_for()
     await shot(other, "05-other-project")
     await context.close()
+
+
+@pytest.mark.agents(0)
+async def test_admin_pages_audit_and_what_a_viewer_is_not_shown(
+    farm: Farm, browser: Any, sample_blend: Path
+) -> None:
+    admin_pw = (farm.settings.data_dir / "secrets" / "initial-admin-password").read_text().strip()
+    await user(farm, "vera", "default", role="viewer")
+    model = await farm.client.upload_model(sample_blend, project="default")
+    job = await farm.client.create_job(model_id=model["id"], frames="1-3")  # no agent: it stays queued
+
+    # a viewer sees the job, but neither Cancel nor Priority nor the admin pages
+    page = await (await browser.new_context()).new_page()
+    await login(page, farm.url, "vera")
+    await page.locator("#jobs tbody tr").first.wait_for()
+    assert not await page.get_by_role("link", name="Admin").is_visible()
+    assert not await page.get_by_role("link", name="Submit").is_visible()
+    await page.get_by_role("link", name=job["name"]).click()
+    await page.get_by_role("link", name="Download all (zip)").wait_for()
+    assert await page.get_by_role("button", name="Cancel job").count() == 0
+    assert await page.get_by_label("Priority").count() == 0
+    await shot(page, "10-viewer-job")
+
+    # the admin: users, projects and roles, an agent token, then cancels the job live
+    admin = await (await browser.new_context()).new_page()
+    await login(admin, farm.url, "admin", admin_pw)
+    await admin.get_by_role("link", name="Admin").click()
+    await admin.get_by_label("New user").fill("ada")
+    await admin.get_by_label("Password").fill(PASSWORD)
+    await admin.get_by_role("button", name="Create user").click()
+    await admin.get_by_role("cell", name="ada", exact=True).wait_for()
+    await admin.get_by_label("New project").fill("shots")
+    await admin.get_by_role("button", name="Create project").click()
+    await admin.get_by_role("cell", name="shots", exact=True).wait_for()
+    await admin.get_by_label("User", exact=True).fill("ada")
+    await admin.get_by_label("Project", exact=True).select_option(label="shots")
+    await admin.get_by_label("Role").select_option("manager")
+    await admin.get_by_role("button", name="Set role").click()
+    await admin.get_by_role("cell", name="ada: manager").wait_for()
+    await admin.get_by_label("Agent token for").fill("render07")
+    await admin.get_by_role("button", name="Create agent token").click()
+    await admin.get_by_text("token for render07 (shown once): rfa_").wait_for()
+    await shot(admin, "11-admin")
+    (ada,) = [u for u in (await farm.client._json("GET", "/api/users"))["users"] if u["username"] == "ada"]
+    assert [(p["name"], p["role"]) for p in ada["projects"]] == [("shots", "manager")], ada
+
+    await admin.goto(f"{farm.url}/#/jobs/{job['id']}")
+    await admin.get_by_role("button", name="Cancel job").click()
+    await admin.locator("h1 .state-canceled").wait_for()
+    # the viewer's page follows without a reload
+    await page.locator("h1 .state-canceled").wait_for()
+
+    # the audit log, filtered
+    await admin.get_by_role("link", name="Audit log").click()
+    await admin.get_by_label("Action").fill("jobs.cancel_job")
+    await admin.get_by_role("button", name="Filter").click()
+    await admin.locator("#audit tbody tr", has_text="jobs.cancel_job").first.wait_for()
+    rows = await admin.locator("#audit tbody tr").all_inner_texts()
+    assert rows and all("jobs.cancel_job" in r for r in rows), rows
+    await shot(admin, "12-audit")

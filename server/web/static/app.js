@@ -18,7 +18,14 @@ class ApiError extends Error {
   }
 }
 
+// One refresh at a time across tabs: presenting a refresh token twice counts as reuse and ends
+// the whole login, so tabs take turns (Web Locks), and a tab that waited reuses a fresh token.
 async function refresh() {
+  if (navigator.locks) return navigator.locks.request("renderfarm-refresh", refreshNow);
+  return refreshNow();
+}
+
+async function refreshNow() {
   const r = await fetch("/api/auth/refresh", {
     method: "POST",
     credentials: "same-origin",
@@ -107,45 +114,60 @@ function can(what) {
   return false;
 }
 
+// What the caller may do to a job (the server's permission table: managers any job of their
+// project, artists their own, viewers nothing); a control the role lacks is not shown.
+function canOnJob(job) {
+  const me = auth.me;
+  if (!me) return false;
+  if (me.is_admin) return true;
+  const p = (me.projects || []).find((x) => x.id === job.project_id);
+  if (!p) return false;
+  return p.role === "manager" || (p.role === "artist" && job.owner === me.username);
+}
+
 // ------------------------------------------------------------------ live events
 
 // Reads server-sent events with fetch (an EventSource cannot send the Authorization header);
 // calls onEvent(obj) per event; falls back to polling `poll` every POLL_MS when the stream breaks.
-function live(path, onEvent, poll) {
+// The stream is opened again when it ends (an access token expiring ends it with an error
+// event; api() refreshes the token), after POLL_MS; while it cannot be opened at all, `poll` runs
+// every POLL_MS instead.
+function live(path, onEvent, poll, { once = false } = {}) {
   let stopped = false;
-  let timer = null;
-  const ctrl = new AbortController();
+  let reader = null;
+  const wait = (ms) => new Promise((res) => setTimeout(res, ms));
   (async () => {
-    try {
-      const r = await api("GET", path, undefined, { raw: true });
-      const reader = r.body.getReader();
-      const dec = new TextDecoder();
-      let buf = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done || stopped) break;
-        buf += dec.decode(value, { stream: true });
-        let i;
-        while ((i = buf.indexOf("\n\n")) >= 0) {
-          const block = buf.slice(0, i);
-          buf = buf.slice(i + 2);
-          const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5)).join("\n");
-          if (data) {
-            try { onEvent(JSON.parse(data)); } catch (e) { /* a malformed event is skipped */ }
+    while (!stopped) {
+      let opened = false;
+      try {
+        const r = await api("GET", path, undefined, { raw: true });
+        opened = true;
+        reader = r.body.getReader();
+        const dec = new TextDecoder();
+        let buf = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done || stopped) break;
+          buf += dec.decode(value, { stream: true });
+          let i;
+          while ((i = buf.indexOf("\n\n")) >= 0) {
+            const block = buf.slice(0, i);
+            buf = buf.slice(i + 2);
+            const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5)).join("\n");
+            if (data) {
+              try { onEvent(JSON.parse(data)); } catch (e) { /* a malformed event is skipped */ }
+            }
           }
         }
+      } catch (e) { /* refused or broken */ }
+      if (stopped || (once && opened)) break;
+      if (!opened && poll) {
+        try { await poll(); } catch (e) { /* next time */ }
       }
-    } catch (e) { /* stream refused or broken: poll instead */ }
-    if (!stopped && poll) {
-      const tick = async () => {
-        if (stopped) return;
-        try { await poll(); } catch (e) { /* next tick */ }
-        timer = setTimeout(tick, POLL_MS);
-      };
-      timer = setTimeout(tick, POLL_MS);
+      await wait(POLL_MS);
     }
   })();
-  return () => { stopped = true; ctrl.abort(); if (timer) clearTimeout(timer); };
+  return () => { stopped = true; if (reader) reader.cancel().catch(() => {}); };
 }
 
 // ------------------------------------------------------------------ pages
@@ -173,6 +195,8 @@ async function route() {
     if (hash === "#/submit") return await submitPage(m);
     if (hash.startsWith("#/jobs/")) return await jobPage(m, decodeURIComponent(hash.slice(7)));
     if (hash === "#/nodes") return await nodesPage(m);
+    if (hash === "#/admin") return await adminPage(m);
+    if (hash === "#/audit") return await auditPage(m);
     m.append(el("h1", { text: "Not found" }), el("p", {}, el("a", { href: "#/jobs", text: "Jobs" })));
   } catch (e) {
     say(e.message, true);
@@ -218,7 +242,8 @@ function loginPage(m) {
     }
     auth.token = (await r.json()).access_token;
     await loadMe();
-    go("#/jobs");
+    if (location.hash === "#/login" || !location.hash) go("#/jobs");
+    else route();
   });
   m.append(form);
   $("#username").focus();
@@ -300,15 +325,34 @@ async function jobPage(m, id) {
       el("p", {}, progressCell(job), ` ${job.frames_done} of ${job.frame_count} frames · owner ${job.owner} · priority ${job.priority}`,
         job.message ? el("span", { class: "muted", text: ` · ${job.message}` }) : ""));
   };
-  const prio = el("input", { id: "priority", type: "number", min: -100, max: 100, value: job.priority, "aria-label": "Priority" });
-  actions.append(
-    el("a", { href: `/api/jobs/${encodeURIComponent(id)}/outputs.zip`, id: "zip", text: "Download all (zip)", onclick: downloadZip }),
-    el("button", { type: "button", id: "cancel", text: "Cancel job", onclick: async () => { job = await api("POST", `/api/jobs/${encodeURIComponent(id)}/cancel`); drawHead(); } }),
-    el("button", { type: "button", id: "retry", text: "Retry failed tasks", onclick: async () => {
-      try { job = await api("POST", `/api/jobs/${encodeURIComponent(id)}/retry`); drawHead(); } catch (e) { say(e.message, true); } } }),
-    el("label", { for: "priority", text: "Priority" }), prio,
-    el("button", { type: "button", text: "Set priority", onclick: async () => {
-      try { job = await api("PATCH", `/api/jobs/${encodeURIComponent(id)}`, { priority: Number(prio.value) }); drawHead(); } catch (e) { say(e.message, true); } } }));
+  const act = (fn) => async () => {
+    try { job = await fn(); drawHead(); drawActions(); } catch (e) { say(e.message, true); }
+  };
+  const jobPath = `/api/jobs/${encodeURIComponent(id)}`;
+  const drawActions = () => {
+    const items = [el("a", { href: `${jobPath}/outputs.zip`, id: "zip", text: "Download all (zip)", onclick: downloadZip })];
+    if (canOnJob(job)) { // what the role may not do is not shown (and the server refuses it anyway)
+      const open = !["completed", "failed", "canceled"].includes(job.state);
+      const prio = el("input", { id: "priority", type: "number", min: -100, max: 100, value: job.priority });
+      if (open) items.push(el("button", { type: "button", id: "cancel", text: "Cancel job", onclick: act(() => api("POST", `${jobPath}/cancel`)) }));
+      if ((job.tasks || {}).failed) items.push(el("button", { type: "button", id: "retry", text: "Retry failed tasks", onclick: act(() => api("POST", `${jobPath}/retry`)) }));
+      if (open) items.push(el("label", { for: "priority", text: "Priority" }), prio,
+        el("button", { type: "button", text: "Set priority", onclick: act(() => api("PATCH", jobPath, { priority: Number(prio.value) })) }));
+    }
+    actions.replaceChildren(...items);
+  };
+  drawActions();
+  const blockHolder = el("div");
+  m.insertBefore(blockHolder, viewer);
+  const drawBlocklist = async () => {
+    const agents = (await api("GET", `${jobPath}/blocklist`)).agents || [];
+    if (!agents.length) { blockHolder.replaceChildren(); return; }
+    blockHolder.replaceChildren(el("h2", { text: "Blocklisted agents" }), table(["Agent", ""], agents.map((a) => {
+      const name = typeof a === "string" ? a : a.agent || a.name;
+      return [name, canOnJob(job) ? el("button", { type: "button", text: `Clear ${name}`, onclick: async () => {
+        try { await api("DELETE", `${jobPath}/blocklist/${encodeURIComponent(name)}`); await drawBlocklist(); } catch (e) { say(e.message, true); } } }) : ""];
+    })));
+  };
   async function downloadZip(ev) {
     ev.preventDefault();
     const r = await api("GET", `/api/jobs/${encodeURIComponent(id)}/outputs.zip`, undefined, { raw: true });
@@ -349,17 +393,21 @@ async function jobPage(m, id) {
     viewer.showModal();
   }
   drawHead();
-  await Promise.all([drawTasks(), drawFrames()]);
+  await Promise.all([drawTasks(), drawFrames(), drawBlocklist()]);
   let pending = null;
   const refreshAll = async () => {
     job = await api("GET", `/api/jobs/${encodeURIComponent(id)}`);
     drawHead();
-    await Promise.all([drawTasks(), drawFrames()]);
+    drawActions();
+    await Promise.all([drawTasks(), drawFrames(), drawBlocklist()]);
   };
-  leave = live(`/api/jobs/${encodeURIComponent(id)}/events`, (ev) => {
-    if (ev.type === "job" && ev.job) { job = ev.job; drawHead(); }
-    if (!pending) pending = setTimeout(async () => { pending = null; await Promise.all([drawTasks(), drawFrames()]); }, 500);
+  const FINISHED = ["completed", "failed", "canceled"];
+  const stop = live(`/api/jobs/${encodeURIComponent(id)}/events`, (ev) => {
+    if (ev.type === "job" && ev.job) { job = ev.job; drawHead(); drawActions(); }
+    if (!pending) pending = setTimeout(async () => { pending = null; await Promise.all([drawTasks(), drawFrames(), drawBlocklist()]); }, 500);
+    if (ev.type === "job" && FINISHED.includes(job.state)) stop(); // the server ends the stream too
   }, refreshAll);
+  leave = stop;
 }
 
 function submitPage(m) {
@@ -435,11 +483,110 @@ function modelForm(out, model) {
 }
 
 async function nodesPage(m) {
-  const agents = (await api("GET", "/api/agents")).agents;
-  m.append(el("h1", { text: "Nodes" }), table(["Agent", "Pool", "Online", "Current task", "Last heartbeat", "Capabilities"], agents.map((a) => [
-    a.name, a.pool || "-", a.online ? "online" : "offline", a.current_task_id || "-", age(a.last_heartbeat_at || a.last_seen_at),
-    JSON.stringify(a.capabilities || {}),
-  ])));
+  const holder = el("div");
+  m.append(el("h1", { text: "Nodes" }), holder);
+  const draw = async () => {
+    const agents = (await api("GET", "/api/agents")).agents;
+    holder.replaceChildren(table(["Agent", "State", "Pool / route", "Capabilities", "Current task", "Last heartbeat", ""], agents.map((a) => {
+      const caps = a.capabilities || {};
+      const gpus = (caps.gpus || []).map((g) => g.name || g).join(", ");
+      const state = `${a.online ? "online" : "offline"}${a.enabled === false ? ", disabled" : ""}`;
+      const toggle = auth.me.is_admin ? el("button", { type: "button", text: a.enabled === false ? `Enable ${a.name}` : `Disable ${a.name}`,
+        onclick: async () => {
+          try { await api("PATCH", `/api/agents/${encodeURIComponent(a.name)}`, { enabled: a.enabled === false }); await draw(); } catch (e) { say(e.message, true); }
+        } }) : "";
+      return [a.name, state, a.route || a.pool, `${caps.cpu_count || caps.cores || "?"} cores${gpus ? `, ${gpus}` : ""}${(a.backends || []).length ? ` (${a.backends.join(", ")})` : ""}`,
+        a.online && a.current_task_id ? a.current_task_id : "-", `${age(a.last_seen_at)} ago`, toggle];
+    }), "agents"));
+  };
+  await draw();
+  const timer = setInterval(() => draw().catch(() => {}), 5000); // heartbeats are every 5 s
+  leave = () => clearInterval(timer);
+}
+
+async function adminPage(m) {
+  if (!auth.me.is_admin) { m.append(el("h1", { text: "Admins only" })); return; }
+  const users = el("div");
+  const projects = el("div");
+  const tokens = el("div");
+  m.append(el("h1", { text: "Admin" }), el("h2", { text: "Users" }), users, el("h2", { text: "Projects" }), projects,
+    el("h2", { text: "Tokens" }), tokens);
+  const guard = (fn) => async (ev) => { if (ev) ev.preventDefault(); try { await fn(); await drawAll(); } catch (e) { say(e.message, true); } };
+  const drawUsers = async () => {
+    const list = (await api("GET", "/api/users")).users;
+    const name = el("input", { id: "new-user", type: "text", autocomplete: "off" });
+    const pw = el("input", { id: "new-user-password", type: "password", autocomplete: "new-password" });
+    const form = el("form", { class: "row" }, el("label", { for: "new-user", text: "New user" }), name,
+      el("label", { for: "new-user-password", text: "Password" }), pw, el("button", { type: "submit", text: "Create user" }));
+    form.addEventListener("submit", guard(async () => { await api("POST", "/api/users", { username: name.value, password: pw.value }); say(`user ${name.value} created`); }));
+    users.replaceChildren(table(["User", "Admin", "State", "Projects", ""], list.map((u) => [u.username, u.is_admin ? "admin" : "",
+      u.disabled ? "disabled" : "active", u.projects.map((p) => `${p.name || p.project}: ${p.role}`).join(", "),
+      u.username === auth.me.username ? "" : el("button", { type: "button", text: `${u.disabled ? "Enable" : "Disable"} ${u.username}`,
+        onclick: guard(() => api("PATCH", `/api/users/${encodeURIComponent(u.id)}`, { disabled: !u.disabled })) })])), form);
+  };
+  const drawProjects = async () => {
+    const list = (await api("GET", "/api/projects")).projects;
+    const pname = el("input", { id: "new-project", type: "text" });
+    const pform = el("form", { class: "row" }, el("label", { for: "new-project", text: "New project" }), pname, el("button", { type: "submit", text: "Create project" }));
+    pform.addEventListener("submit", guard(() => api("POST", "/api/projects", { name: pname.value })));
+    const who = el("input", { id: "member-user", type: "text" });
+    const where = el("select", { id: "member-project" }, ...list.map((p) => el("option", { value: p.id, text: p.name })));
+    const role = el("select", { id: "member-role" }, ...["artist", "manager", "viewer"].map((r) => el("option", { value: r, text: r })));
+    const mform = el("form", { class: "row" }, el("label", { for: "member-user", text: "User" }), who, el("label", { for: "member-project", text: "Project" }), where,
+      el("label", { for: "member-role", text: "Role" }), role, el("button", { type: "submit", text: "Set role" }));
+    mform.addEventListener("submit", guard(() => api("PUT", `/api/projects/${encodeURIComponent(where.value)}/members/${encodeURIComponent(who.value)}`, { role: role.value })));
+    projects.replaceChildren(table(["Project", "Members"], list.map((p) => [p.name, p.members.map((x) => `${x.user}: ${x.role}`).join(", ") || "-"])), pform, mform);
+  };
+  const drawTokens = async () => {
+    const mine = await api("GET", "/api/tokens");
+    const agents = await api("GET", "/api/tokens?kind=agent");
+    const list = [...(mine.tokens || []), ...(agents.tokens || [])].filter((t) => !t.revoked_at);
+    const shown = el("p", { id: "new-token", class: "muted" });
+    const aname = el("input", { id: "agent-name", type: "text" });
+    const aform = el("form", { class: "row" }, el("label", { for: "agent-name", text: "Agent token for" }), aname, el("button", { type: "submit", text: "Create agent token" }));
+    aform.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      try {
+        const t = await api("POST", "/api/agent-tokens", { agent_name: aname.value });
+        await drawTokens();
+        tokens.querySelector("#new-token").textContent = `token for ${t.agent_name} (shown once): ${t.token}`;
+      } catch (e) { say(e.message, true); }
+    });
+    tokens.replaceChildren(table(["Token", "Kind", "For", "Expires", "Last used", ""], list.map((t) => [t.name || t.id, t.kind, t.agent_name || t.user || "-",
+      t.expires_at ? t.expires_at.slice(0, 10) : "never", t.last_used_at ? `${age(t.last_used_at)} ago` : "never",
+      el("button", { type: "button", text: `Revoke ${t.name || t.id}`, onclick: guard(() => api("DELETE", `/api/tokens/${encodeURIComponent(t.id)}`)) })])), aform, shown);
+  };
+  const drawAll = () => Promise.all([drawUsers(), drawProjects(), drawTokens()]);
+  await drawAll();
+}
+
+async function auditPage(m) {
+  if (!auth.me.is_admin) { m.append(el("h1", { text: "Admins only" })); return; }
+  const f = (id, label, attrs = {}) => [el("label", { for: id, text: label }), el("input", { id, type: "text", ...attrs })];
+  const outcome = el("select", { id: "a-outcome" }, ...["", "success", "failure", "denied", "throttled"].map((o) => el("option", { value: o, text: o || "any outcome" })));
+  const form = el("form", { class: "row" }, ...f("a-actor", "Actor"), ...f("a-action", "Action", { placeholder: "jobs.cancel_job" }),
+    ...f("a-target", "Target", { placeholder: "job_id=..." }), el("label", { for: "a-outcome", text: "Outcome" }), outcome,
+    el("button", { type: "submit", text: "Filter" }));
+  const holder = el("div");
+  const more = el("button", { type: "button", text: "Older entries", hidden: true });
+  m.append(el("h1", { text: "Audit log" }), form, holder, more);
+  let before = null;
+  const load = async (append) => {
+    const q = new URLSearchParams({ limit: "100" });
+    for (const [k, id] of [["actor", "a-actor"], ["action", "a-action"], ["target", "a-target"]]) if ($(`#${id}`).value) q.set(k, $(`#${id}`).value);
+    if (outcome.value) q.set("outcome", outcome.value);
+    if (append && before) q.set("before", String(before));
+    const page = await api("GET", `/api/audit?${q}`);
+    before = page.next_before;
+    more.hidden = !before;
+    const rows = page.entries.map((e) => [e.at.slice(0, 19).replace("T", " "), e.actor, e.action, e.target || "-", e.outcome, String(e.status || "-"), e.ip || "-"]);
+    const existing = append ? holder.querySelector("tbody") : null;
+    if (existing) for (const r of rows) existing.append(el("tr", {}, ...r.map((c) => el("td", {}, c))));
+    else { holder.replaceChildren(table(["When (UTC)", "Actor", "Action", "Target", "Outcome", "Status", "Address"], rows, "newest first")); holder.querySelector("table").id = "audit"; }
+  };
+  form.addEventListener("submit", (ev) => { ev.preventDefault(); load(false).catch((e) => say(e.message, true)); });
+  more.addEventListener("click", () => load(true).catch((e) => say(e.message, true)));
+  await load(false);
 }
 
 // ------------------------------------------------------------------ start
