@@ -417,9 +417,11 @@ function submitPage(m) {
   const projectSel = el("select", { id: "project" },
     ...(auth.me.projects || []).filter((p) => auth.me.is_admin || p.role === "artist" || p.role === "manager")
       .map((p) => el("option", { value: p.name, text: p.name })));
+  const mainBlend = el("input", { id: "main-blend", type: "text", placeholder: "shots/010.blend" });
   const form = el("form", { class: "card" }, el("h1", { text: "Submit a job" }),
     el("label", { for: "project", text: "Project" }), projectSel,
     el("label", { for: "file", text: ".blend or .zip" }), file,
+    el("label", { for: "main-blend", text: "The .blend to render, inside a .zip (if it holds several)" }), mainBlend,
     el("p", {}, el("button", { type: "submit", class: "primary", text: "Upload" }), " ", bar), out);
   m.append(form);
   form.addEventListener("submit", (ev) => {
@@ -427,7 +429,9 @@ function submitPage(m) {
     const f = file.files[0];
     if (!f) return;
     const xhr = new XMLHttpRequest(); // fetch cannot report upload progress
-    xhr.open("POST", `/api/models?filename=${encodeURIComponent(f.name)}&project=${encodeURIComponent(projectSel.value)}`);
+    const q = new URLSearchParams({ filename: f.name, project: projectSel.value });
+    if (mainBlend.value.trim()) q.set("main", mainBlend.value.trim());
+    xhr.open("POST", `/api/models?${q}`);
     xhr.setRequestHeader("Authorization", `Bearer ${auth.token}`);
     xhr.setRequestHeader("Content-Type", "application/octet-stream");
     xhr.upload.onprogress = (e) => { if (e.lengthComputable) bar.value = (100 * e.loaded) / e.total; };
@@ -552,9 +556,20 @@ async function adminPage(m) {
         tokens.querySelector("#new-token").textContent = `token for ${t.agent_name} (shown once): ${t.token}`;
       } catch (e) { say(e.message, true); }
     });
+    const pname = el("input", { id: "token-name", type: "text" });
+    const pform = el("form", { class: "row" }, el("label", { for: "token-name", text: "Personal API token named" }), pname,
+      el("button", { type: "submit", text: "Create API token" }));
+    pform.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      try {
+        const t = await api("POST", "/api/tokens", { name: pname.value });
+        await drawTokens();
+        tokens.querySelector("#new-token").textContent = `token ${t.name} (shown once): ${t.token}`;
+      } catch (e) { say(e.message, true); }
+    });
     tokens.replaceChildren(table(["Token", "Kind", "For", "Expires", "Last used", ""], list.map((t) => [t.name || t.id, t.kind, t.agent_name || t.user || "-",
       t.expires_at ? t.expires_at.slice(0, 10) : "never", t.last_used_at ? `${age(t.last_used_at)} ago` : "never",
-      el("button", { type: "button", text: `Revoke ${t.name || t.id}`, onclick: guard(() => api("DELETE", `/api/tokens/${encodeURIComponent(t.id)}`)) })])), aform, shown);
+      el("button", { type: "button", text: `Revoke ${t.name || t.id}`, onclick: guard(() => api("DELETE", `/api/tokens/${encodeURIComponent(t.id)}`)) })])), pform, aform, shown);
   };
   const drawAll = () => Promise.all([drawUsers(), drawProjects(), drawTokens()]);
   await drawAll();
