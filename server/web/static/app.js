@@ -182,6 +182,7 @@ function go(hash) {
 async function route() {
   leave();
   leave = () => {};
+  say("");
   const hash = location.hash || "#/jobs";
   const m = main();
   m.replaceChildren();
@@ -279,15 +280,20 @@ async function jobsPage(m) {
       .filter((j) => !text || `${j.name} ${j.owner} ${projects.get(j.project_id) || ""}`.toLowerCase().includes(text))
       .sort((a, b) => (a.created_at < b.created_at ? 1 : -1))
       .map((j) => {
-        const box = el("input", { type: "checkbox", "aria-label": `select ${j.name}`, checked: selected.has(j.id) });
+        const box = el("input", { type: "checkbox", "aria-label": `select ${j.name}`, checked: selected.has(j.id), "data-key": `sel-${j.id}` });
         box.addEventListener("change", () => (box.checked ? selected.add(j.id) : selected.delete(j.id)));
-        return [box, el("a", { href: `#/jobs/${encodeURIComponent(j.id)}`, text: j.name || j.id }), stateCell(j.state),
+        return [box, el("a", { href: `#/jobs/${encodeURIComponent(j.id)}`, text: j.name || j.id, "data-key": `job-${j.id}` }), stateCell(j.state),
           progressCell(j), `${j.frames_done}/${j.frame_count}`, j.owner, projects.get(j.project_id) || j.project_id || "-",
           String(j.priority), age(j.created_at)];
       });
+    const focused = document.activeElement && document.activeElement.dataset ? document.activeElement.dataset.key : null;
     holder.replaceChildren(table(["", "Job", "State", "Progress", "Frames", "Owner", "Project", "Priority", "Age"], rows,
       `${rows.length} of ${jobs.size} jobs`));
     holder.querySelector("table").id = "jobs";
+    if (focused) { // a live update must not take the keyboard's place away
+      const again = [...holder.querySelectorAll("[data-key]")].find((n) => n.dataset.key === focused);
+      if (again) again.focus();
+    }
   };
   stateFilter.addEventListener("change", draw);
   textFilter.addEventListener("input", draw);
@@ -355,7 +361,10 @@ async function jobPage(m, id) {
   };
   async function downloadZip(ev) {
     ev.preventDefault();
-    const r = await api("GET", `/api/jobs/${encodeURIComponent(id)}/outputs.zip`, undefined, { raw: true });
+    let r;
+    try {
+      r = await api("GET", `/api/jobs/${encodeURIComponent(id)}/outputs.zip`, undefined, { raw: true });
+    } catch (e) { say(e.message, true); return; }
     const url = URL.createObjectURL(await r.blob());
     const a = el("a", { href: url, download: `job-${id}.zip` });
     document.body.append(a);
@@ -387,7 +396,10 @@ async function jobPage(m, id) {
     }
   };
   async function openFrame(frame) {
-    const r = await api("GET", `/api/jobs/${encodeURIComponent(id)}/outputs/${frame}`, undefined, { raw: true });
+    let r;
+    try {
+      r = await api("GET", `/api/jobs/${encodeURIComponent(id)}/outputs/${frame}`, undefined, { raw: true });
+    } catch (e) { say(e.message, true); return; }
     viewer.replaceChildren(el("img", { alt: `frame ${frame}`, src: URL.createObjectURL(await r.blob()) }),
       el("p", {}, el("button", { type: "button", text: "Close", onclick: () => viewer.close() })));
     viewer.showModal();
