@@ -5,6 +5,7 @@ Screenshots of each step are kept in ``test-artifacts/web-ui/`` at the repositor
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import zipfile
@@ -138,7 +139,9 @@ async def test_admin_pages_audit_and_what_a_viewer_is_not_shown(
     assert not await page.get_by_role("link", name="Admin").is_visible()
     assert not await page.get_by_role("link", name="Submit").is_visible()
     await page.get_by_role("link", name=job["name"]).click()
-    await page.get_by_role("link", name="Download all (zip)").wait_for()
+    await page.locator("h1 .state-queued").wait_for()
+    await page.get_by_role("heading", name="Tasks").wait_for()
+    assert await page.get_by_role("link", name="Download all (zip)").count() == 0  # no frame yet
     assert await page.get_by_role("button", name="Cancel job").count() == 0
     assert await page.get_by_label("Priority").count() == 0
     await shot(page, "10-viewer-job")
@@ -180,3 +183,52 @@ async def test_admin_pages_audit_and_what_a_viewer_is_not_shown(
     rows = await admin.locator("#audit tbody tr").all_inner_texts()
     assert rows and all("jobs.cancel_job" in r for r in rows), rows
     await shot(admin, "12-audit")
+
+
+@pytest.mark.agents(0)
+async def test_double_clicks_hidden_rows_and_roles_do_not_surprise(
+    farm: Farm, browser: Any, sample_blend: Path
+) -> None:
+    """Found by a new user's attack: a double click made two jobs, Cancel selected cancelled rows
+    the filter hid, a viewer got the Submit form, and an admin saw only their own projects."""
+    admin_pw = (farm.settings.data_dir / "secrets" / "initial-admin-password").read_text().strip()
+    await farm.client.create_project("shots")  # the admin is not a member
+    await user(farm, "vera", "default", role="viewer")
+    model = await farm.client.upload_model(sample_blend, project="default")
+    first = await farm.client.create_job(model_id=model["id"], frames="1", name="keep-me")
+    await farm.client.cancel(first["id"])
+    second = await farm.client.create_job(model_id=model["id"], frames="1", name="queued-one")
+
+    viewer = await (await browser.new_context()).new_page()
+    await login(viewer, farm.url, "vera")
+    await viewer.locator("#jobs tbody tr").first.wait_for()
+    assert await viewer.get_by_role("checkbox").count() == 0  # nothing a viewer may cancel
+    assert not await viewer.get_by_role("button", name="Cancel selected").is_visible()
+    await viewer.goto(farm.url + "/#/submit")
+    await viewer.get_by_text("Your roles do not allow submitting jobs").wait_for()
+
+    page = await (await browser.new_context()).new_page()
+    page.on("dialog", lambda d: asyncio.ensure_future(d.accept()))
+    await login(page, farm.url, "admin", admin_pw)
+    # select the queued job, then hide it with the filter: Cancel selected leaves it alone
+    await page.get_by_role("checkbox", name="select queued-one").check()
+    await page.get_by_label("State").select_option("canceled")
+    await page.locator("#jobs caption", has_text="1 of 2 jobs").wait_for()
+    assert not await page.get_by_role("button", name="Cancel selected").is_visible()
+    assert (await farm.client.job(second["id"]))["state"] == "queued"
+
+    # the admin submits to a project they are not a member of; a double click makes one job
+    await page.get_by_role("link", name="Submit").click()
+    await page.get_by_label("Project").select_option("shots")
+    await page.get_by_label(".blend or .zip").set_input_files(str(sample_blend))
+    await page.get_by_role("button", name="Upload").dblclick()
+    await page.get_by_role("button", name="Submit job").wait_for()
+    await page.get_by_label("Frames", exact=True).fill("1")
+    await page.get_by_role("button", name="Submit job").dblclick()
+    await page.locator("h1 .state-queued").wait_for()
+    jobs = (await farm.client._json("GET", "/api/jobs"))["jobs"]
+    assert len(jobs) == 3, [j["name"] for j in jobs]
+    uploads = (await farm.client._json("GET", "/api/audit?action=models.upload_model"))["entries"]
+    assert len(uploads) == 2, uploads  # ours and the UI's one: the double click sent a single upload
+    await page.get_by_role("link", name="Jobs").click()
+    await page.locator("#jobs tbody tr", has_text="shots").first.wait_for()  # its name, not its id

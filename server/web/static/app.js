@@ -81,6 +81,36 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+// What others wrote (log lines, file names) shown with control and bidirectional characters as
+// escapes, so a line cannot pose as something else or drive the terminal-like view.
+function printable(text) {
+  return String(text ?? "").replace(/[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]/g,
+    (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
+}
+
+// Runs fn with the button disabled (no double submit), clearing the status line first.
+async function busy(button, fn) {
+  if (button.disabled) return undefined;
+  button.disabled = true;
+  say("");
+  try {
+    return await fn();
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// Keeps the keyboard's place across a redraw of `holder` (elements carry data-key).
+function keepFocus(holder, redraw) {
+  const a = document.activeElement;
+  const key = a && holder.contains(a) && a.dataset ? a.dataset.key : null;
+  redraw();
+  if (key) {
+    const again = [...holder.querySelectorAll("[data-key]")].find((n) => n.dataset.key === key);
+    if (again) again.focus();
+  }
+}
+
 function say(message, bad = false) {
   const s = $("#status");
   s.textContent = message;
@@ -206,6 +236,7 @@ async function route() {
 
 async function loadMe() {
   auth.me = await api("GET", "/api/me");
+  auth.projects = (await api("GET", "/api/projects")).projects; // an admin: every project
   $("#nav").hidden = false;
   $("#logout").hidden = false;
   $("#who").textContent = `${auth.me.username}${auth.me.is_admin ? " (admin)" : ""}`;
@@ -264,14 +295,15 @@ async function jobsPage(m) {
   const stateFilter = el("select", { id: "f-state", "aria-label": "Filter by state" },
     ...["", "queued", "running", "completed", "failed", "canceled"].map((s) => el("option", { value: s, text: s || "any state" })));
   const textFilter = el("input", { id: "f-text", type: "text", placeholder: "name, owner or project", "aria-label": "Filter by text" });
-  const cancelBtn = el("button", { type: "button", id: "bulk-cancel", text: "Cancel selected" });
+  const cancelBtn = el("button", { type: "button", id: "bulk-cancel", text: "Cancel selected", hidden: true });
   const holder = el("div");
   m.append(el("h1", { text: "Jobs" }),
     el("div", { class: "row" }, el("label", { for: "f-state", text: "State" }), stateFilter,
       el("label", { for: "f-text", text: "Search" }), textFilter, cancelBtn),
     holder);
-  const projects = new Map((auth.me.projects || []).map((p) => [p.id, p.name]));
+  const projects = new Map((auth.projects || []).map((p) => [p.id, p.name]));
   const selected = new Set();
+  let visible = new Set();
   const draw = () => {
     const want = stateFilter.value;
     const text = textFilter.value.trim().toLowerCase();
@@ -280,30 +312,36 @@ async function jobsPage(m) {
       .filter((j) => !text || `${j.name} ${j.owner} ${projects.get(j.project_id) || ""}`.toLowerCase().includes(text))
       .sort((a, b) => (a.created_at < b.created_at ? 1 : -1))
       .map((j) => {
-        const box = el("input", { type: "checkbox", "aria-label": `select ${j.name}`, checked: selected.has(j.id), "data-key": `sel-${j.id}` });
-        box.addEventListener("change", () => (box.checked ? selected.add(j.id) : selected.delete(j.id)));
+        const cancellable = canOnJob(j) && !["completed", "failed", "canceled"].includes(j.state);
+        const box = cancellable ? el("input", { type: "checkbox", "aria-label": `select ${j.name}`, checked: selected.has(j.id), "data-key": `sel-${j.id}` }) : "";
+        if (box) box.addEventListener("change", () => (box.checked ? selected.add(j.id) : selected.delete(j.id)));
+        if (!cancellable) selected.delete(j.id);
         return [box, el("a", { href: `#/jobs/${encodeURIComponent(j.id)}`, text: j.name || j.id, "data-key": `job-${j.id}` }), stateCell(j.state),
           progressCell(j), `${j.frames_done}/${j.frame_count}`, j.owner, projects.get(j.project_id) || j.project_id || "-",
           String(j.priority), age(j.created_at)];
       });
-    const focused = document.activeElement && document.activeElement.dataset ? document.activeElement.dataset.key : null;
-    holder.replaceChildren(table(["", "Job", "State", "Progress", "Frames", "Owner", "Project", "Priority", "Age"], rows,
-      `${rows.length} of ${jobs.size} jobs`));
-    holder.querySelector("table").id = "jobs";
-    if (focused) { // a live update must not take the keyboard's place away
-      const again = [...holder.querySelectorAll("[data-key]")].find((n) => n.dataset.key === focused);
-      if (again) again.focus();
-    }
+    keepFocus(holder, () => { // a live update must not take the keyboard's place away
+      holder.replaceChildren(table(["", "Job", "State", "Progress", "Frames", "Owner", "Project", "Priority", "Age"], rows,
+        `${rows.length} of ${jobs.size} jobs`));
+      holder.querySelector("table").id = "jobs";
+    });
+    visible = new Set(rows.map((r) => r[0] && r[0].getAttribute ? r[0].getAttribute("data-key").slice(4) : null).filter(Boolean));
+    cancelBtn.hidden = visible.size === 0;
   };
   stateFilter.addEventListener("change", draw);
   textFilter.addEventListener("input", draw);
-  cancelBtn.addEventListener("click", async () => {
-    for (const id of selected) {
-      try { jobs.set(id, await api("POST", `/api/jobs/${encodeURIComponent(id)}/cancel`)); } catch (e) { say(e.message, true); }
+  cancelBtn.addEventListener("click", () => busy(cancelBtn, async () => {
+    const ids = [...selected].filter((id) => visible.has(id)); // never a job the filter hides
+    if (!ids.length) { say("select the jobs to cancel first"); return; }
+    if (!confirm(`Cancel ${ids.length} job(s)?`)) return;
+    let done = 0;
+    for (const id of ids) {
+      try { jobs.set(id, await api("POST", `/api/jobs/${encodeURIComponent(id)}/cancel`)); done += 1; } catch (e) { say(e.message, true); }
     }
     selected.clear();
     draw();
-  });
+    if (done) say(`${done} job(s) canceled`);
+  }));
   const load = async () => {
     for (const j of (await api("GET", "/api/jobs?limit=200")).jobs) jobs.set(j.id, j);
     draw();
@@ -326,24 +364,36 @@ async function jobPage(m, id) {
   m.append(head, actions, el("h2", { text: "Tasks" }), tasksHolder, el("h2", { text: "Frames" }), gallery, viewer);
   let job = await api("GET", `/api/jobs/${encodeURIComponent(id)}`);
   const shown = new Set();
+  const openLogs = new Set(); // log tails the user opened stay open across live redraws
   const drawHead = () => {
     head.replaceChildren(el("h1", {}, `${job.name} `, stateCell(job.state)),
       el("p", {}, progressCell(job), ` ${job.frames_done} of ${job.frame_count} frames · owner ${job.owner} · priority ${job.priority}`,
         job.message ? el("span", { class: "muted", text: ` · ${job.message}` }) : ""));
   };
-  const act = (fn) => async () => {
-    try { job = await fn(); drawHead(); drawActions(); } catch (e) { say(e.message, true); }
-  };
+  const act = (fn, done) => async (ev) => busy(ev.currentTarget, async () => {
+    try {
+      job = await fn();
+      say(done);
+    } catch (e) {
+      say(e.message, true);
+      if (e.status === 403) await loadMe(); // a role taken away: the controls follow
+    }
+    drawHead();
+    drawActions();
+  });
   const jobPath = `/api/jobs/${encodeURIComponent(id)}`;
   const drawActions = () => {
-    const items = [el("a", { href: `${jobPath}/outputs.zip`, id: "zip", text: "Download all (zip)", onclick: downloadZip })];
+    const items = job.frames_done ? [el("a", { href: `${jobPath}/outputs.zip`, id: "zip", text: "Download all (zip)", onclick: downloadZip })] : [];
     if (canOnJob(job)) { // what the role may not do is not shown (and the server refuses it anyway)
       const open = !["completed", "failed", "canceled"].includes(job.state);
       const prio = el("input", { id: "priority", type: "number", min: -100, max: 100, value: job.priority });
-      if (open) items.push(el("button", { type: "button", id: "cancel", text: "Cancel job", onclick: act(() => api("POST", `${jobPath}/cancel`)) }));
-      if ((job.tasks || {}).failed) items.push(el("button", { type: "button", id: "retry", text: "Retry failed tasks", onclick: act(() => api("POST", `${jobPath}/retry`)) }));
+      if (open) items.push(el("button", { type: "button", id: "cancel", text: "Cancel job", onclick: act(() => api("POST", `${jobPath}/cancel`), "job canceled") }));
+      if ((job.tasks || {}).failed) items.push(el("button", { type: "button", id: "retry", text: "Retry failed tasks", onclick: act(() => api("POST", `${jobPath}/retry`), "failed tasks queued again") }));
       if (open) items.push(el("label", { for: "priority", text: "Priority" }), prio,
-        el("button", { type: "button", text: "Set priority", onclick: act(() => api("PATCH", jobPath, { priority: Number(prio.value) })) }));
+        el("button", { type: "button", text: "Set priority", onclick: act(() => {
+          if (!/^-?[0-9]+$/.test(prio.value.trim())) throw new ApiError(400, "priority must be a whole number from -100 to 100");
+          return api("PATCH", jobPath, { priority: Number(prio.value) });
+        }, "priority set") }));
     }
     actions.replaceChildren(...items);
   };
@@ -374,11 +424,15 @@ async function jobPage(m, id) {
   }
   const drawTasks = async () => {
     const tasks = (await api("GET", `/api/jobs/${encodeURIComponent(id)}/tasks`)).tasks;
-    tasksHolder.replaceChildren(table(["#", "Frames", "State", "Agent", "Attempts", "Render s", "Log"], tasks.map((t) => [
+    const lines = (t) => t.log_tail.flatMap((l) => String(l).split(/\r?\n|\r/)).map(printable);
+    keepFocus(tasksHolder, () => tasksHolder.replaceChildren(table(["#", "Frames", "State", "Agent", "Attempts", "Render s", "Message", "Log"], tasks.map((t) => [
       String(t.index), t.frames.length > 3 ? `${t.frames[0]}…${t.frames[t.frames.length - 1]}` : t.frames.join(","),
       stateCell(t.state), t.agent || "-", String(t.attempts), t.render_seconds.toFixed(1),
-      el("details", {}, el("summary", { text: `${t.log_tail.length} lines` }), el("pre", { class: "log", text: t.log_tail.join("\n") })),
-    ])));
+      printable([t.failure_kind, t.message].filter(Boolean).join(": ") || "-"),
+      el("details", { "data-key": `log-${t.id}`, open: openLogs.has(t.id) ? true : undefined,
+        ontoggle: (ev) => (ev.currentTarget.open ? openLogs.add(t.id) : openLogs.delete(t.id)) },
+      el("summary", { text: `${lines(t).length} lines`, "data-key": `sum-${t.id}` }), el("pre", { class: "log", text: lines(t).join("\n") })),
+    ]))));
   };
   const drawFrames = async () => {
     const outs = (await api("GET", `/api/jobs/${encodeURIComponent(id)}/outputs`)).frames;
@@ -423,11 +477,16 @@ async function jobPage(m, id) {
 }
 
 function submitPage(m) {
+  if (!can("submit")) {
+    m.append(el("h1", { text: "Submit a job" }), el("p", { text: "Your roles do not allow submitting jobs: ask a project manager for the artist role." }));
+    return;
+  }
   const out = el("div");
   const file = el("input", { id: "file", type: "file", accept: ".blend,.zip", required: true });
   const bar = el("progress", { id: "upload-progress", max: 100, value: 0, "aria-label": "Upload progress" });
+  const mine = new Map((auth.me.projects || []).map((p) => [p.id, p.role]));
   const projectSel = el("select", { id: "project" },
-    ...(auth.me.projects || []).filter((p) => auth.me.is_admin || p.role === "artist" || p.role === "manager")
+    ...(auth.projects || []).filter((p) => auth.me.is_admin || ["artist", "manager"].includes(mine.get(p.id)))
       .map((p) => el("option", { value: p.name, text: p.name })));
   const mainBlend = el("input", { id: "main-blend", type: "text", placeholder: "shots/010.blend" });
   const form = el("form", { class: "card" }, el("h1", { text: "Submit a job" }),
@@ -436,10 +495,14 @@ function submitPage(m) {
     el("label", { for: "main-blend", text: "The .blend to render, inside a .zip (if it holds several)" }), mainBlend,
     el("p", {}, el("button", { type: "submit", class: "primary", text: "Upload" }), " ", bar), out);
   m.append(form);
+  const uploadBtn = () => form.querySelector("button[type=submit]");
   form.addEventListener("submit", (ev) => {
     ev.preventDefault();
     const f = file.files[0];
-    if (!f) return;
+    if (!f || uploadBtn().disabled) return;
+    uploadBtn().disabled = true;
+    out.replaceChildren();
+    bar.value = 0;
     const xhr = new XMLHttpRequest(); // fetch cannot report upload progress
     const q = new URLSearchParams({ filename: f.name, project: projectSel.value });
     if (mainBlend.value.trim()) q.set("main", mainBlend.value.trim());
@@ -447,6 +510,7 @@ function submitPage(m) {
     xhr.setRequestHeader("Authorization", `Bearer ${auth.token}`);
     xhr.setRequestHeader("Content-Type", "application/octet-stream");
     xhr.upload.onprogress = (e) => { if (e.lengthComputable) bar.value = (100 * e.loaded) / e.total; };
+    xhr.onloadend = () => { uploadBtn().disabled = false; };
     xhr.onload = () => {
       let body = {};
       try { body = JSON.parse(xhr.responseText); } catch (e) { /* not JSON */ }
@@ -464,38 +528,43 @@ function submitPage(m) {
 
 function modelForm(out, model) {
   const info = model.info || {};
-  const scene = (info.scenes || [])[0] || {};
+  const scenes = info.scenes || [];
+  const scene = scenes.find((x) => x.name === info.active_scene) || scenes[0] || {};
   const missing = info.missing || [];
   const field = (id, label, input) => [el("label", { for: id, text: label }), input];
   const frames = el("input", { id: "frames", type: "text", value: scene.frame_start !== undefined ? `${scene.frame_start}-${scene.frame_end}` : "1", required: true });
-  const chunk = el("input", { id: "chunk", type: "number", min: 1, value: 1 });
+  const chunk = el("input", { id: "chunk", type: "number", min: 1, max: 10000, value: 1, required: true });
   const device = el("select", { id: "device" }, ...["any", "cpu", "gpu"].map((d) => el("option", { value: d, text: d })));
   const samples = el("input", { id: "samples", type: "number", min: 0, value: 0 });
   const fmt = el("select", { id: "format" }, ...["PNG", "OPEN_EXR", "JPEG"].map((d) => el("option", { value: d, text: d })));
   const allow = el("input", { id: "allow-missing", type: "checkbox" });
   const err = el("p", { class: "error", role: "alert" });
   const form = el("form", {},
-    el("h2", { text: `Model ${model.filename}` }),
-    el("p", { class: "muted", text: `Blender ${info.blender_version || "?"} · scenes: ${(info.scenes || []).map((s) => s.name).join(", ") || "-"} · camera: ${scene.camera || "none"} · ${scene.resolution_x || "?"}×${scene.resolution_y || "?"} · engine ${scene.engine || "?"}` }),
-    missing.length ? el("div", {}, el("p", { class: "error", text: `${missing.length} missing file(s):` }), el("ul", {}, ...missing.map((p) => el("li", { text: p })))) : el("p", { class: "muted", text: "no missing files" }),
+    el("h2", { text: `Model ${model.filename}${model.kind === "zip" ? ` (renders ${model.main})` : ""}` }),
+    el("p", { class: "muted", text: `Blender ${Array.isArray(info.blender_version) ? info.blender_version.join(".") : info.blender_version || "?"} · scenes: ${(info.scenes || []).map((s) => s.name).join(", ") || "-"} · camera: ${scene.camera || "none"} · ${scene.resolution_x || "?"}×${scene.resolution_y || "?"} · engine ${scene.engine || "?"}` }),
+    missing.length ? el("div", {}, el("p", { class: "error", text: `${missing.length} missing file(s):` }), el("ul", {}, ...missing.map((p) => el("li", { text: printable(p) })))) : el("p", { class: "muted", text: "no missing files" }),
     ...field("frames", "Frames", frames), ...field("chunk", "Frames per task", chunk), ...field("device", "Device", device),
     ...field("samples", "Samples (0: the file's)", samples), ...field("format", "Format", fmt),
     el("label", {}, allow, " render although files are missing"),
     el("p", {}, el("button", { type: "submit", class: "primary", id: "create-job", text: "Submit job" })), err);
   out.replaceChildren(form);
-  form.addEventListener("submit", async (ev) => {
+  const submitBtn = () => form.querySelector("#create-job");
+  form.addEventListener("submit", (ev) => {
     ev.preventDefault();
-    err.textContent = "";
-    try {
-      const job = await api("POST", "/api/jobs", {
-        model_id: model.id, frames: frames.value, chunk_size: Number(chunk.value), device: device.value,
-        samples: Number(samples.value) || null, output_format: fmt.value, allow_missing: allow.checked,
-      });
-      go(`#/jobs/${encodeURIComponent(job.id)}`);
-    } catch (e) {
-      err.textContent = e.field ? `${e.field}: ${e.message}` : e.message;
-    }
+    busy(submitBtn(), async () => {
+      err.textContent = "";
+      try {
+        const job = await api("POST", "/api/jobs", {
+          model_id: model.id, scene: scene.name || null, frames: frames.value, chunk_size: Number(chunk.value || 1), device: device.value,
+          samples: Number(samples.value) || null, output_format: fmt.value, allow_missing: allow.checked,
+        });
+        go(`#/jobs/${encodeURIComponent(job.id)}`);
+      } catch (e) {
+        err.textContent = e.message; // the server's message names the field
+      }
+    });
   });
+  form.addEventListener("invalid", () => { err.textContent = ""; }, true);
 }
 
 async function nodesPage(m) {
@@ -503,17 +572,22 @@ async function nodesPage(m) {
   m.append(el("h1", { text: "Nodes" }), holder);
   const draw = async () => {
     const agents = (await api("GET", "/api/agents")).agents;
-    holder.replaceChildren(table(["Agent", "State", "Pool / route", "Capabilities", "Current task", "Last heartbeat", ""], agents.map((a) => {
+    keepFocus(holder, () => holder.replaceChildren(table(["Agent", "State", "Pool / route", "Capabilities", "Current task", "Last heartbeat", ""], agents.map((a) => {
       const caps = a.capabilities || {};
       const gpus = (caps.gpus || []).map((g) => g.name || g).join(", ");
       const state = `${a.online ? "online" : "offline"}${a.enabled === false ? ", disabled" : ""}`;
-      const toggle = auth.me.is_admin ? el("button", { type: "button", text: a.enabled === false ? `Enable ${a.name}` : `Disable ${a.name}`,
-        onclick: async () => {
-          try { await api("PATCH", `/api/agents/${encodeURIComponent(a.name)}`, { enabled: a.enabled === false }); await draw(); } catch (e) { say(e.message, true); }
-        } }) : "";
-      return [a.name, state, a.route || a.pool, `${caps.cpu_count || caps.cores || "?"} cores${gpus ? `, ${gpus}` : ""}${(a.backends || []).length ? ` (${a.backends.join(", ")})` : ""}`,
+      const toggle = auth.me.is_admin ? el("button", { type: "button", "data-key": `toggle-${a.name}`, text: a.enabled === false ? `Enable ${a.name}` : `Disable ${a.name}`,
+        onclick: (ev) => busy(ev.currentTarget, async () => {
+          try {
+            await api("PATCH", `/api/agents/${encodeURIComponent(a.name)}`, { enabled: a.enabled === false });
+            say(`${a.name} ${a.enabled === false ? "enabled" : "disabled: it takes no new task"}`);
+          } catch (e) { say(e.message, true); }
+          await draw();
+        }) }) : "";
+      const mem = caps.memory_bytes ? `, ${(caps.memory_bytes / 2 ** 30).toFixed(0)} GiB` : "";
+      return [a.name, state, a.route || a.pool, `${caps.cpu_cores || caps.cpu_count || "?"} cores${mem}${gpus ? `, ${gpus}` : ""}${(a.backends || []).length ? ` (${a.backends.join(", ")})` : ""}`,
         a.online && a.current_task_id ? a.current_task_id : "-", `${age(a.last_seen_at)} ago`, toggle];
-    }), "agents"));
+    }), "agents")));
   };
   await draw();
   const timer = setInterval(() => draw().catch(() => {}), 5000); // heartbeats are every 5 s
@@ -527,34 +601,45 @@ async function adminPage(m) {
   const tokens = el("div");
   m.append(el("h1", { text: "Admin" }), el("h2", { text: "Users" }), users, el("h2", { text: "Projects" }), projects,
     el("h2", { text: "Tokens" }), tokens);
-  const guard = (fn) => async (ev) => { if (ev) ev.preventDefault(); try { await fn(); await drawAll(); } catch (e) { say(e.message, true); } };
+  // runs an admin action: confirmation for destructive ones, success or the server's message
+  const guard = (fn, done, ask) => async (ev) => {
+    if (ev) ev.preventDefault();
+    if (ask && !confirm(ask)) return;
+    say("");
+    try { await fn(); say(done); } catch (e) { say(e.message, true); }
+    await drawAll();
+  };
   const drawUsers = async () => {
     const list = (await api("GET", "/api/users")).users;
     const name = el("input", { id: "new-user", type: "text", autocomplete: "off" });
     const pw = el("input", { id: "new-user-password", type: "password", autocomplete: "new-password" });
     const form = el("form", { class: "row" }, el("label", { for: "new-user", text: "New user" }), name,
       el("label", { for: "new-user-password", text: "Password" }), pw, el("button", { type: "submit", text: "Create user" }));
-    form.addEventListener("submit", guard(async () => { await api("POST", "/api/users", { username: name.value, password: pw.value }); say(`user ${name.value} created`); }));
+    form.addEventListener("submit", guard(() => api("POST", "/api/users", { username: name.value, password: pw.value }), `user ${name.value || "?"} created`));
     users.replaceChildren(table(["User", "Admin", "State", "Projects", ""], list.map((u) => [u.username, u.is_admin ? "admin" : "",
       u.disabled ? "disabled" : "active", u.projects.map((p) => `${p.name || p.project}: ${p.role}`).join(", "),
       u.username === auth.me.username ? "" : el("button", { type: "button", text: `${u.disabled ? "Enable" : "Disable"} ${u.username}`,
-        onclick: guard(() => api("PATCH", `/api/users/${encodeURIComponent(u.id)}`, { disabled: !u.disabled })) })])), form);
+        onclick: guard(() => api("PATCH", `/api/users/${encodeURIComponent(u.id)}`, { disabled: !u.disabled }),
+          `${u.username} ${u.disabled ? "enabled" : "disabled"}`, u.disabled ? null : `Disable ${u.username}? Their tokens stop working at once.`) })])), form);
   };
   const drawProjects = async () => {
     const list = (await api("GET", "/api/projects")).projects;
     const pname = el("input", { id: "new-project", type: "text" });
     const pform = el("form", { class: "row" }, el("label", { for: "new-project", text: "New project" }), pname, el("button", { type: "submit", text: "Create project" }));
-    pform.addEventListener("submit", guard(() => api("POST", "/api/projects", { name: pname.value })));
+    pform.addEventListener("submit", guard(() => api("POST", "/api/projects", { name: pname.value }), "project created"));
     const who = el("input", { id: "member-user", type: "text" });
     const where = el("select", { id: "member-project" }, ...list.map((p) => el("option", { value: p.id, text: p.name })));
     const role = el("select", { id: "member-role" }, ...["artist", "manager", "viewer"].map((r) => el("option", { value: r, text: r })));
     const mform = el("form", { class: "row" }, el("label", { for: "member-user", text: "User" }), who, el("label", { for: "member-project", text: "Project" }), where,
       el("label", { for: "member-role", text: "Role" }), role, el("button", { type: "submit", text: "Set role" }));
-    mform.addEventListener("submit", guard(() => api("PUT", `/api/projects/${encodeURIComponent(where.value)}/members/${encodeURIComponent(who.value)}`, { role: role.value })));
+    mform.addEventListener("submit", guard(() => {
+      if (!who.value.trim()) throw new ApiError(400, "give the user whose role to set");
+      return api("PUT", `/api/projects/${encodeURIComponent(where.value)}/members/${encodeURIComponent(who.value.trim())}`, { role: role.value });
+    }, "role set"));
     projects.replaceChildren(table(["Project", "Members"], list.map((p) => [p.name, p.members.map((x) => `${x.user}: ${x.role}`).join(", ") || "-"])), pform, mform);
   };
   const drawTokens = async () => {
-    const mine = await api("GET", "/api/tokens");
+    const mine = await api("GET", "/api/tokens?all=1"); // every user's personal tokens
     const agents = await api("GET", "/api/tokens?kind=agent");
     const list = [...(mine.tokens || []), ...(agents.tokens || [])].filter((t) => !t.revoked_at);
     const shown = el("p", { id: "new-token", class: "muted" });
@@ -581,7 +666,8 @@ async function adminPage(m) {
     });
     tokens.replaceChildren(table(["Token", "Kind", "For", "Expires", "Last used", ""], list.map((t) => [t.name || t.id, t.kind, t.agent_name || t.user || "-",
       t.expires_at ? t.expires_at.slice(0, 10) : "never", t.last_used_at ? `${age(t.last_used_at)} ago` : "never",
-      el("button", { type: "button", text: `Revoke ${t.name || t.id}`, onclick: guard(() => api("DELETE", `/api/tokens/${encodeURIComponent(t.id)}`)) })])), pform, aform, shown);
+      el("button", { type: "button", text: `Revoke ${t.name || t.id}`, onclick: guard(() => api("DELETE", `/api/tokens/${encodeURIComponent(t.id)}`),
+        "token revoked", `Revoke ${t.name || t.id}? What uses it stops working at once.`) })])), pform, aform, shown);
   };
   const drawAll = () => Promise.all([drawUsers(), drawProjects(), drawTokens()]);
   await drawAll();
