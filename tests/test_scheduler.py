@@ -591,3 +591,46 @@ async def test_published_outbox_rows_are_pruned_after_an_hour(ctx: FarmContext) 
     assert await prune_outbox(ctx) == 1
     left = await _outbox(ctx)
     assert len(left) == 3 and sum(r.published_at is None for r in left) == 1
+
+
+# ---------------------------------------------------------------- stopping
+
+
+async def test_stop_ends_the_loops_even_when_a_driver_turns_the_cancel_into_an_error(
+    ctx: FarmContext,
+) -> None:
+    """aiomysql and redis-py can turn a cancel that lands inside a query into an ordinary error
+    (lost connection), which the loops retry on: stop() must still end them, and at once. Two CI
+    runs hung 600 s in test_a_claim_on_another_server_wakes_the_scheduling_one this way."""
+    from server.scheduler.loops import Scheduler
+
+    entered = asyncio.Event()
+
+    async def stubborn() -> None:  # a step whose query swallows the cancel
+        entered.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            raise RuntimeError("Lost connection to server during query") from None
+
+    held_calls = 0
+
+    async def stubborn_held() -> bool:  # the lock check, likewise
+        nonlocal held_calls
+        held_calls += 1
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            raise RuntimeError("Lost connection to server during query") from None
+        return True
+
+    sched = Scheduler(ctx, relay_poll_s=0.05, reconcile_s=600, leader_check_s=0.05)
+    sched._dispatch = stubborn  # type: ignore[method-assign]
+    sched._lock.held = stubborn_held  # type: ignore[method-assign]
+    sched.start()
+    ctx.dispatch_ready.set()
+    await asyncio.wait_for(entered.wait(), 10)
+    t0 = asyncio.get_running_loop().time()
+    await asyncio.wait_for(sched.stop(), 10)
+    assert asyncio.get_running_loop().time() - t0 < 5
+    assert held_calls > 0 and not sched.leading

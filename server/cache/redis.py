@@ -244,6 +244,10 @@ class RedisCache:
             await self._pubsub_client.aclose()
 
 
+CLOSE_TIMEOUT_S = 5.0
+"""Seconds closing a subscription waits for its reader to end."""
+
+
 class _RedisSubscription(Generic[T]):
     """One channel or pattern subscription on its own connection; see :class:`server.cache.base.Subscription`.
 
@@ -310,8 +314,16 @@ class _RedisSubscription(Generic[T]):
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            # bounded: redis-py's pubsub close can wait on a connection that no longer answers,
+            # and a subscription's end must not hold a server's (or a test's) shutdown for ever
+            done, _ = await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
+            if not done:
+                log.warning(
+                    "subscription to %r did not end within %g s; left behind", self._target, CLOSE_TIMEOUT_S
+                )
+            else:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    task.result()
         self._put(_CLOSED)
 
     def _deliver(self, msg: dict[str, Any]) -> None:

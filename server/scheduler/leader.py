@@ -9,6 +9,7 @@ process uses the database (the data folder is locked), so it always leads.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 
@@ -29,6 +30,10 @@ def lock_name(db: Database) -> str:
     if len(name) > 64:
         name = f"{LOCK_NAME}.{hashlib.sha256((db.url.database or '').encode()).hexdigest()[:40]}"
     return name
+
+
+RELEASE_TIMEOUT_S = 5.0
+"""Seconds a release of the lock (or the closing of its connection) may take before it is given up."""
 
 
 class LeaderLock:
@@ -76,10 +81,17 @@ class LeaderLock:
         return owner == 1
 
     async def release(self) -> None:
-        """Let the lock go (closing its connection)."""
+        """Let the lock go (closing its connection), in at most :data:`RELEASE_TIMEOUT_S` seconds.
+
+        A stop that cancelled the lock check in the middle of its query can leave the connection
+        waiting for an answer that never comes; closing the connection ends its session, which
+        releases a named lock on the server anyway, so a release that does not answer in time is
+        given up rather than waited for (a stop once hung here for good)."""
         if self._conn is not None:
             try:
-                await self._conn.execute(text("SELECT RELEASE_LOCK(:n)"), {"n": self.name})
+                await asyncio.wait_for(
+                    self._conn.execute(text("SELECT RELEASE_LOCK(:n)"), {"n": self.name}), RELEASE_TIMEOUT_S
+                )
             except Exception:
                 log.debug("release of the scheduler lock failed", exc_info=True)
             await self._drop()
@@ -88,7 +100,7 @@ class LeaderLock:
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
-                await conn.invalidate()
-                await conn.close()
+                await asyncio.wait_for(conn.invalidate(), RELEASE_TIMEOUT_S)
+                await asyncio.wait_for(conn.close(), RELEASE_TIMEOUT_S)
             except Exception:
                 log.debug("closing the lock connection failed", exc_info=True)

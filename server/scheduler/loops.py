@@ -25,6 +25,10 @@ from server.scheduler.timeout_checker import requeue_expired
 log = logging.getLogger(__name__)
 
 
+STOP_TIMEOUT_S = 30.0
+"""Seconds :meth:`Scheduler.stop` waits for the loops to end after cancelling them."""
+
+
 class Scheduler:
     """Starts and stops the background loops.
 
@@ -54,31 +58,41 @@ class Scheduler:
         self.leading = False
         self._task: asyncio.Task[None] | None = None
         self._lock = LeaderLock(ctx.db)
+        self._stopping = False
+        self._halt = False
 
     def start(self) -> None:
         """Start on the running event loop (the loops begin once this process leads)."""
+        self._stopping = False
         self._task = asyncio.create_task(self._lead(), name="scheduler")
 
     async def stop(self) -> None:
         """Cancel the loops and wait for them; release the lock."""
+        # a cancel swallowed inside a query (a driver turns it into an error) still ends _lead
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            done, _ = await asyncio.wait({self._task}, timeout=STOP_TIMEOUT_S)
+            if not done:  # a loop that does not end must not hold the server's shutdown for ever
+                log.error("scheduler loops did not stop within %g s; going on without them", STOP_TIMEOUT_S)
+            else:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    self._task.result()
             self._task = None
         await self._lock.release()
 
     async def _lead(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 got = await self._lock.acquire()
             except Exception as exc:
                 log.warning("cannot take the scheduler lock: %s", exc)
                 got = False
-            if not got:
+            if not got or self._stopping:
                 await asyncio.sleep(self.leader_check_s)
                 continue
             log.info("this server runs the scheduler")
+            self._halt = False
             self.leading = self.ctx.leading = True
             try:
                 n = await extend_leases(self.ctx)
@@ -102,11 +116,13 @@ class Scheduler:
             ]
             self.ctx.dispatch_ready.set()
             try:
-                while await self._lock.held():  # noqa: ASYNC110 (polls the database, not an event)
+                while not self._stopping and await self._lock.held():  # noqa: ASYNC110 (polls the database)
                     await asyncio.sleep(self.leader_check_s)
-                log.warning("scheduler lock lost; stopping the scheduler loops")
+                if not self._stopping:
+                    log.warning("scheduler lock lost; stopping the scheduler loops")
             finally:
                 self.leading = self.ctx.leading = False
+                self._halt = True  # a loop whose cancel a driver turned into an error ends at its next pass
                 for t in loops:
                     t.cancel()
                 # gather: the loops' own CancelledErrors become results, while a cancel of this
@@ -127,7 +143,7 @@ class Scheduler:
     async def _every(
         self, step: Callable[[], Awaitable[None]], signal: asyncio.Event | None, poll_s: float
     ) -> None:
-        while True:
+        while not self._halt:
             if signal is None:
                 await asyncio.sleep(poll_s)
             else:
