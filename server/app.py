@@ -35,6 +35,11 @@ def announce_admin(ctx: FarmContext, password: str) -> None:
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 
 
+async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer (JSON, frames, zips) says its type is to be believed, not guessed by a browser."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+
+
 def create_app(ctx: FarmContext, *, run_scheduler: bool = True) -> web.Application:
     """The API application; on start it creates the tables and (by default) starts the scheduler.
 
@@ -49,6 +54,7 @@ def create_app(ctx: FarmContext, *, run_scheduler: bool = True) -> web.Applicati
     app[CTX] = ctx
     metrics_for(ctx)  # recorded from the first request on, not from the first scrape
     add_routes(app)
+    app.on_response_prepare.append(_nosniff)
 
     async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
         await ctx.db.create_all()

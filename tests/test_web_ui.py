@@ -73,6 +73,8 @@ async def test_submit_watch_gallery_and_zip_in_a_browser(
     resp = await page.goto(farm.url + "/")
     csp = resp.headers["content-security-policy"]
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
+    health = await page.request.get(farm.url + "/healthz")
+    assert health.headers["x-content-type-options"] == "nosniff"  # API answers too
     await login(page, farm.url, "grace")
     await shot(page, "01-jobs-empty")
     loads.clear()
