@@ -108,6 +108,12 @@ async def test_submit_watch_gallery_and_zip_in_a_browser(
     with zipfile.ZipFile(path) as zf:
         assert sorted(n.rsplit(".", 1)[-1] for n in zf.namelist()) == ["png", "png"]
 
+    # the nodes page: the local agent, online, blocklisted for nothing
+    await page.get_by_role("link", name="Nodes").click()
+    await page.get_by_role("columnheader", name="Blocklisted for").wait_for()
+    await page.locator("table tbody tr", has_text="online").first.wait_for()
+    await shot(page, "06-nodes")
+
     # the jobs table shows it, completed
     await page.get_by_role("link", name="Jobs").click()
     row = page.locator("#jobs tbody tr", has_text="completed")
@@ -148,6 +154,20 @@ async def test_admin_pages_audit_and_what_a_viewer_is_not_shown(
     assert await page.get_by_label("Priority").count() == 0
     await shot(page, "10-viewer-job")
 
+    # an agent blocklisted for the job (three failures recorded, as the failure policy does):
+    # the admin's Nodes page names the job, the job page offers Clear
+    from sqlalchemy import select
+
+    from server.persistence.tables import Task, TaskFailure
+
+    async with farm.ctx.db.session() as s:
+        task_id = (await s.scalars(select(Task.id).where(Task.job_id == job["id"]))).first()
+        for _ in range(3):
+            s.add(
+                TaskFailure(job_id=job["id"], task_id=task_id, agent="render-9", kind="crashed", message="x")
+            )
+        await s.commit()
+
     # the admin: users, projects and roles, an agent token, then cancels the job live
     admin = await (await browser.new_context()).new_page()
     await login(admin, farm.url, "admin", admin_pw)
@@ -171,7 +191,13 @@ async def test_admin_pages_audit_and_what_a_viewer_is_not_shown(
     (ada,) = [u for u in (await farm.client._json("GET", "/api/users"))["users"] if u["username"] == "ada"]
     assert [(p["name"], p["role"]) for p in ada["projects"]] == [("shots", "manager")], ada
 
+    await admin.get_by_role("link", name="Nodes").click()
+    await admin.get_by_role("columnheader", name="Blocklisted for").wait_for()
     await admin.goto(f"{farm.url}/#/jobs/{job['id']}")
+    await admin.get_by_role("button", name="Clear render-9").wait_for()
+    await shot(admin, "13-blocklist")
+    await admin.get_by_role("button", name="Clear render-9").click()
+    await admin.get_by_role("heading", name="Blocklisted agents").wait_for(state="detached")
     await admin.get_by_role("button", name="Cancel job").click()
     await admin.locator("h1 .state-canceled").wait_for()
     # the viewer's page follows without a reload

@@ -572,7 +572,20 @@ async function nodesPage(m) {
   m.append(el("h1", { text: "Nodes" }), holder);
   const draw = async () => {
     const agents = (await api("GET", "/api/agents")).agents;
-    keepFocus(holder, () => holder.replaceChildren(table(["Agent", "State", "Pool / route", "Capabilities", "Current task", "Last heartbeat", ""], agents.map((a) => {
+    // each job's summary names the agents blocklisted for it: gathered here per agent
+    const blocked = new Map();
+    for (const j of (await api("GET", "/api/jobs?limit=500")).jobs) {
+      for (const name of j.blocklist || []) {
+        if (!blocked.has(name)) blocked.set(name, []);
+        blocked.get(name).push(j);
+      }
+    }
+    const blockCell = (name) => {
+      const js = blocked.get(name) || [];
+      if (!js.length) return "-";
+      return el("span", {}, ...js.flatMap((j, i) => [i ? ", " : "", el("a", { href: `#/jobs/${encodeURIComponent(j.id)}`, text: j.name || j.id })]));
+    };
+    keepFocus(holder, () => holder.replaceChildren(table(["Agent", "State", "Pool / route", "Capabilities", "Current task", "Last heartbeat", "Blocklisted for", ""], agents.map((a) => {
       const caps = a.capabilities || {};
       const gpus = (caps.gpus || []).map((g) => g.name || g).join(", ");
       const state = `${a.online ? "online" : "offline"}${a.enabled === false ? ", disabled" : ""}`;
@@ -586,7 +599,7 @@ async function nodesPage(m) {
         }) }) : "";
       const mem = caps.memory_bytes ? `, ${(caps.memory_bytes / 2 ** 30).toFixed(0)} GiB` : "";
       return [a.name, state, a.route || a.pool, `${caps.cpu_cores || caps.cpu_count || "?"} cores${mem}${gpus ? `, ${gpus}` : ""}${(a.backends || []).length ? ` (${a.backends.join(", ")})` : ""}`,
-        a.online && a.current_task_id ? a.current_task_id : "-", `${age(a.last_seen_at)} ago`, toggle];
+        a.online && a.current_task_id ? a.current_task_id : "-", `${age(a.last_seen_at)} ago`, blockCell(a.name), toggle];
     }), "agents")));
   };
   await draw();
