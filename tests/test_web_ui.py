@@ -260,3 +260,25 @@ async def test_double_clicks_hidden_rows_and_roles_do_not_surprise(
     assert len(uploads) == 2, uploads  # ours and the UI's one: the double click sent a single upload
     await page.get_by_role("link", name="Jobs").click()
     await page.locator("#jobs tbody tr", has_text="shots").first.wait_for()  # its name, not its id
+
+
+@pytest.mark.agents(0)
+async def test_tabs_opened_together_without_web_locks_stay_logged_in(farm: Farm, browser: Any) -> None:
+    """Over plain http on a LAN name (not a secure context) browsers have no Web Locks; tabs
+    opened at once would present the same refresh cookie together, which the server takes for a
+    stolen token and ends the login. The page falls back to a lease in localStorage."""
+    await user(farm, "tess", "default")
+    context = await browser.new_context()
+    await context.add_init_script("delete Navigator.prototype.locks;")
+    first = await context.new_page()
+    await login(first, farm.url, "tess")
+    assert await first.evaluate("navigator.locks === undefined")
+    pages = [await context.new_page() for _ in range(4)]
+    await asyncio.gather(*(p.goto(farm.url + "/#/jobs") for p in pages))
+    for p in pages:
+        await p.get_by_role("heading", name="Jobs").wait_for()
+    reuse = (await farm.client._json("GET", "/api/audit?action=auth.refresh_reuse"))["entries"]
+    assert reuse == [], reuse
+    await first.reload()
+    await first.get_by_role("heading", name="Jobs").wait_for()
+    await context.close()

@@ -22,6 +22,22 @@ class ApiError extends Error {
 // the whole login, so tabs take turns (Web Locks), and a tab that waited reuses a fresh token.
 async function refresh() {
   if (navigator.locks) return navigator.locks.request("renderfarm-refresh", refreshNow);
+  // Web Locks exist only in secure contexts (https, localhost): over plain http on a LAN name
+  // the tabs take turns through a short lease in localStorage (a time stamp, never a token)
+  const sleep = (ms) => new Promise((res) => setTimeout(res, ms));
+  for (let i = 0; i < 60; i += 1) {
+    const held = Number(localStorage.getItem("renderfarm-refresh-lease") || 0);
+    if (Date.now() - held > 5000) {
+      const mine = `${Date.now()}-${Math.random()}`;
+      localStorage.setItem("renderfarm-refresh-lease", String(Date.now()));
+      localStorage.setItem("renderfarm-refresh-owner", mine);
+      await sleep(60); // a tab that wrote after us owns the lease
+      if (localStorage.getItem("renderfarm-refresh-owner") === mine) {
+        try { return await refreshNow(); } finally { localStorage.removeItem("renderfarm-refresh-lease"); }
+      }
+    }
+    await sleep(100 + Math.random() * 150);
+  }
   return refreshNow();
 }
 
@@ -84,8 +100,10 @@ function el(tag, attrs = {}, ...children) {
 // What others wrote (log lines, file names) shown with control and bidirectional characters as
 // escapes, so a line cannot pose as something else or drive the terminal-like view.
 function printable(text) {
-  return String(text ?? "").replace(/[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]/g,
-    (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
+  // C0/C1 controls, format characters (Unicode category Cf: bidi marks and overrides, zero-width
+  // characters, word joiners, tags...) and line/paragraph separators
+  return String(text ?? "").replace(/[\p{Cc}\p{Cf}\u2028\u2029]/gu, (c) => (c === "\n" || c === "\t" ? c
+    : `\\u{${c.codePointAt(0).toString(16)}}`));
 }
 
 // Runs fn with the button disabled (no double submit), clearing the status line first.
@@ -316,8 +334,8 @@ async function jobsPage(m) {
         const box = cancellable ? el("input", { type: "checkbox", "aria-label": `select ${j.name}`, checked: selected.has(j.id), "data-key": `sel-${j.id}` }) : "";
         if (box) box.addEventListener("change", () => (box.checked ? selected.add(j.id) : selected.delete(j.id)));
         if (!cancellable) selected.delete(j.id);
-        return [box, el("a", { href: `#/jobs/${encodeURIComponent(j.id)}`, text: j.name || j.id, "data-key": `job-${j.id}` }), stateCell(j.state),
-          progressCell(j), `${j.frames_done}/${j.frame_count}`, j.owner, projects.get(j.project_id) || j.project_id || "-",
+        return [box, el("a", { href: `#/jobs/${encodeURIComponent(j.id)}`, text: printable(j.name || j.id), "data-key": `job-${j.id}` }), stateCell(j.state),
+          progressCell(j), `${j.frames_done}/${j.frame_count}`, printable(j.owner), projects.get(j.project_id) || j.project_id || "-",
           String(j.priority), age(j.created_at)];
       });
     keepFocus(holder, () => { // a live update must not take the keyboard's place away
@@ -335,12 +353,14 @@ async function jobsPage(m) {
     if (!ids.length) { say("select the jobs to cancel first"); return; }
     if (!confirm(`Cancel ${ids.length} job(s)?`)) return;
     let done = 0;
+    const errors = [];
     for (const id of ids) {
-      try { jobs.set(id, await api("POST", `/api/jobs/${encodeURIComponent(id)}/cancel`)); done += 1; } catch (e) { say(e.message, true); }
+      try { jobs.set(id, await api("POST", `/api/jobs/${encodeURIComponent(id)}/cancel`)); done += 1; } catch (e) { errors.push(e.message); }
     }
     selected.clear();
     draw();
-    if (done) say(`${done} job(s) canceled`);
+    if (errors.length) say(`${done} job(s) canceled; ${errors.length} not: ${errors[0]}`, true);
+    else say(`${done} job(s) canceled`);
   }));
   const load = async () => {
     for (const j of (await api("GET", "/api/jobs?limit=200")).jobs) jobs.set(j.id, j);
@@ -366,7 +386,7 @@ async function jobPage(m, id) {
   const shown = new Set();
   const openLogs = new Set(); // log tails the user opened stay open across live redraws
   const drawHead = () => {
-    head.replaceChildren(el("h1", {}, `${job.name} `, stateCell(job.state)),
+    head.replaceChildren(el("h1", {}, `${printable(job.name)} `, stateCell(job.state)),
       el("p", {}, progressCell(job), ` ${job.frames_done} of ${job.frame_count} frames · owner ${job.owner} · priority ${job.priority}`,
         job.message ? el("span", { class: "muted", text: ` · ${job.message}` }) : ""));
   };
@@ -382,12 +402,18 @@ async function jobPage(m, id) {
     drawActions();
   });
   const jobPath = `/api/jobs/${encodeURIComponent(id)}`;
+  let actionsFor = "";
   const drawActions = () => {
+    // rebuilt only when what the controls depend on changed, so a live event neither undoes a
+    // busy button nor wipes a priority being typed
+    const key = `${job.state}|${job.priority}|${(job.tasks || {}).failed || 0}|${job.frames_done > 0}|${canOnJob(job)}`;
+    if (key === actionsFor) return;
+    actionsFor = key;
     const items = job.frames_done ? [el("a", { href: `${jobPath}/outputs.zip`, id: "zip", text: "Download all (zip)", onclick: downloadZip })] : [];
     if (canOnJob(job)) { // what the role may not do is not shown (and the server refuses it anyway)
       const open = !["completed", "failed", "canceled"].includes(job.state);
-      const prio = el("input", { id: "priority", type: "number", min: -100, max: 100, value: job.priority });
-      if (open) items.push(el("button", { type: "button", id: "cancel", text: "Cancel job", onclick: act(() => api("POST", `${jobPath}/cancel`), "job canceled") }));
+      const prio = el("input", { id: "priority", type: "number", min: -100, max: 100, value: job.priority, "data-key": "priority" });
+      if (open) items.push(el("button", { type: "button", id: "cancel", "data-key": "cancel", text: "Cancel job", onclick: act(() => api("POST", `${jobPath}/cancel`), "job canceled") }));
       if ((job.tasks || {}).failed) items.push(el("button", { type: "button", id: "retry", text: "Retry failed tasks", onclick: act(() => api("POST", `${jobPath}/retry`), "failed tasks queued again") }));
       if (open) items.push(el("label", { for: "priority", text: "Priority" }), prio,
         el("button", { type: "button", text: "Set priority", onclick: act(() => {
@@ -395,7 +421,7 @@ async function jobPage(m, id) {
           return api("PATCH", jobPath, { priority: Number(prio.value) });
         }, "priority set") }));
     }
-    actions.replaceChildren(...items);
+    keepFocus(actions, () => actions.replaceChildren(...items));
   };
   drawActions();
   const blockHolder = el("div");
@@ -403,11 +429,13 @@ async function jobPage(m, id) {
   const drawBlocklist = async () => {
     const agents = (await api("GET", `${jobPath}/blocklist`)).agents || [];
     if (!agents.length) { blockHolder.replaceChildren(); return; }
-    blockHolder.replaceChildren(el("h2", { text: "Blocklisted agents" }), table(["Agent", ""], agents.map((a) => {
+    keepFocus(blockHolder, () => blockHolder.replaceChildren(el("h2", { text: "Blocklisted agents" }), table(["Agent", ""], agents.map((a) => {
       const name = typeof a === "string" ? a : a.agent || a.name;
-      return [name, canOnJob(job) ? el("button", { type: "button", text: `Clear ${name}`, onclick: async () => {
-        try { await api("DELETE", `${jobPath}/blocklist/${encodeURIComponent(name)}`); await drawBlocklist(); } catch (e) { say(e.message, true); } } }) : ""];
-    })));
+      return [printable(name), canOnJob(job) ? el("button", { type: "button", "data-key": `clear-${name}`, text: `Clear ${name}`, onclick: (ev) => busy(ev.currentTarget, async () => {
+        try { await api("DELETE", `${jobPath}/blocklist/${encodeURIComponent(name)}`); say(`${name} may take this job's tasks again`); } catch (e) { say(e.message, true); }
+        await drawBlocklist();
+      }) }) : ""];
+    }))));
   };
   async function downloadZip(ev) {
     ev.preventDefault();
@@ -583,7 +611,7 @@ async function nodesPage(m) {
     const blockCell = (name) => {
       const js = blocked.get(name) || [];
       if (!js.length) return "-";
-      return el("span", {}, ...js.flatMap((j, i) => [i ? ", " : "", el("a", { href: `#/jobs/${encodeURIComponent(j.id)}`, text: j.name || j.id })]));
+      return el("span", {}, ...js.flatMap((j, i) => [i ? ", " : "", el("a", { href: `#/jobs/${encodeURIComponent(j.id)}`, text: printable(j.name || j.id), "data-key": `bl-${name}-${j.id}` })]));
     };
     keepFocus(holder, () => holder.replaceChildren(table(["Agent", "State", "Pool / route", "Capabilities", "Current task", "Last heartbeat", "Blocklisted for", ""], agents.map((a) => {
       const caps = a.capabilities || {};
@@ -591,6 +619,7 @@ async function nodesPage(m) {
       const state = `${a.online ? "online" : "offline"}${a.enabled === false ? ", disabled" : ""}`;
       const toggle = auth.me.is_admin ? el("button", { type: "button", "data-key": `toggle-${a.name}`, text: a.enabled === false ? `Enable ${a.name}` : `Disable ${a.name}`,
         onclick: (ev) => busy(ev.currentTarget, async () => {
+          if (a.enabled !== false && !confirm(`Disable ${a.name}? It takes no new task (one it renders runs to its end).`)) return;
           try {
             await api("PATCH", `/api/agents/${encodeURIComponent(a.name)}`, { enabled: a.enabled === false });
             say(`${a.name} ${a.enabled === false ? "enabled" : "disabled: it takes no new task"}`);
@@ -617,10 +646,21 @@ async function adminPage(m) {
   // runs an admin action: confirmation for destructive ones, success or the server's message
   const guard = (fn, done, ask) => async (ev) => {
     if (ev) ev.preventDefault();
-    if (ask && !confirm(ask)) return;
-    say("");
-    try { await fn(); say(done); } catch (e) { say(e.message, true); }
-    await drawAll();
+    const button = ev && (ev.submitter || (ev.currentTarget instanceof HTMLButtonElement ? ev.currentTarget : null));
+    const run = async () => {
+      if (ask && !confirm(ask)) return;
+      try {
+        await fn();
+      } catch (e) {
+        say(e.message, true); // the form keeps what was typed
+        return;
+      }
+      await drawAll();
+      await loadMe(); // a new project shows in Submit and the jobs table at once
+      say(done);
+    };
+    if (button) await busy(button, run);
+    else { say(""); await run(); }
   };
   const drawUsers = async () => {
     const list = (await api("GET", "/api/users")).users;
@@ -658,24 +698,30 @@ async function adminPage(m) {
     const shown = el("p", { id: "new-token", class: "muted" });
     const aname = el("input", { id: "agent-name", type: "text" });
     const aform = el("form", { class: "row" }, el("label", { for: "agent-name", text: "Agent token for" }), aname, el("button", { type: "submit", text: "Create agent token" }));
-    aform.addEventListener("submit", async (ev) => {
+    aform.addEventListener("submit", (ev) => {
       ev.preventDefault();
-      try {
-        const t = await api("POST", "/api/agent-tokens", { agent_name: aname.value });
-        await drawTokens();
-        tokens.querySelector("#new-token").textContent = `token for ${t.agent_name} (shown once): ${t.token}`;
-      } catch (e) { say(e.message, true); }
+      busy(ev.submitter || aform.querySelector("button"), async () => {
+        try {
+          const t = await api("POST", "/api/agent-tokens", { agent_name: aname.value });
+          await drawTokens();
+          tokens.querySelector("#new-token").textContent = `token for ${t.agent_name} (shown once): ${t.token}`;
+          say("agent token created: copy it now");
+        } catch (e) { say(e.message, true); }
+      });
     });
     const pname = el("input", { id: "token-name", type: "text" });
     const pform = el("form", { class: "row" }, el("label", { for: "token-name", text: "Personal API token named" }), pname,
       el("button", { type: "submit", text: "Create API token" }));
-    pform.addEventListener("submit", async (ev) => {
+    pform.addEventListener("submit", (ev) => {
       ev.preventDefault();
-      try {
-        const t = await api("POST", "/api/tokens", { name: pname.value });
-        await drawTokens();
-        tokens.querySelector("#new-token").textContent = `token ${t.name} (shown once): ${t.token}`;
-      } catch (e) { say(e.message, true); }
+      busy(ev.submitter || pform.querySelector("button"), async () => {
+        try {
+          const t = await api("POST", "/api/tokens", { name: pname.value });
+          await drawTokens();
+          tokens.querySelector("#new-token").textContent = `token ${t.name} (shown once): ${t.token}`;
+          say("API token created: copy it now");
+        } catch (e) { say(e.message, true); }
+      });
     });
     tokens.replaceChildren(table(["Token", "Kind", "For", "Expires", "Last used", ""], list.map((t) => [t.name || t.id, t.kind, t.agent_name || t.user || "-",
       t.expires_at ? t.expires_at.slice(0, 10) : "never", t.last_used_at ? `${age(t.last_used_at)} ago` : "never",
@@ -705,7 +751,8 @@ async function auditPage(m) {
     const page = await api("GET", `/api/audit?${q}`);
     before = page.next_before;
     more.hidden = !before;
-    const rows = page.entries.map((e) => [e.at.slice(0, 19).replace("T", " "), e.actor, e.action, e.target || "-", e.outcome, String(e.status || "-"), e.ip || "-"]);
+    const rows = page.entries.map((e) => [e.at.slice(0, 19).replace("T", " "), printable(e.actor), printable(e.action), printable(e.target || "-"),
+      e.outcome, String(e.status || "-"), printable(e.ip || "-")]);
     const existing = append ? holder.querySelector("tbody") : null;
     if (existing) for (const r of rows) existing.append(el("tr", {}, ...r.map((c) => el("td", {}, c))));
     else { holder.replaceChildren(table(["When (UTC)", "Actor", "Action", "Target", "Outcome", "Status", "Address"], rows, "newest first")); holder.querySelector("table").id = "audit"; }
