@@ -18,7 +18,7 @@ from aiohttp import web
 from sqlalchemy import select
 
 from server.api.access import principal_of
-from server.api.middleware import CTX
+from server.api.middleware import CTX, open_event_stream
 from server.api.registry import route
 from server.auth.principal import Principal
 from server.auth.service import authenticate
@@ -126,14 +126,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     try:
         with contextlib.suppress(TimeoutError, Exception):
             await sub.ready(2.0)
-        resp = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-            }
-        )
-        await resp.prepare(request)
+        resp = await open_event_stream(request)
         await resp.write(b": ready\n\n")
         checked = last_write = time.monotonic()
         while True:

@@ -12,7 +12,7 @@ from aiohttp import web
 from sqlalchemy import select
 
 from server.api.access import note, principal_of, target_of
-from server.api.middleware import CTX, json_ok, parse_body
+from server.api.middleware import CTX, json_ok, open_event_stream, parse_body
 from server.api.registry import route
 from server.api.schemas import (
     Blocklist,
@@ -146,14 +146,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         with contextlib.suppress(TimeoutError, Exception):
             await sub.ready(2.0)
         summary = await service.job_summary(ctx, job_id)  # 404 before the stream starts
-        resp = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-            }
-        )
-        await resp.prepare(request)
+        resp = await open_event_stream(request)
         event: dict[str, Any] = {"type": "job", "job": summary}
         checked = time.monotonic()
         while True:

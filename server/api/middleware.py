@@ -102,6 +102,16 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
         raise ApiError(400, f"{field}: {first['msg']}" if field else first["msg"], field) from exc
 
 
+async def open_event_stream(request: web.Request) -> web.StreamResponse:
+    """Start a server-sent events answer (``text/event-stream``, not cached, not buffered by a
+    proxy); the caller writes ``event:``/``data:`` blocks to it."""
+    resp = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+    await resp.prepare(request)
+    return resp
+
+
 def json_ok(model: BaseModel, status: int = 200) -> web.Response:
     """A JSON response from a pydantic model."""
     return web.json_response(text=model.model_dump_json(), status=status)
