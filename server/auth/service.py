@@ -597,11 +597,7 @@ async def refresh(ctx: Any, refresh_token: str) -> tuple[Session, User]:
             update(ApiToken).where(ApiToken.id == row.id, ApiToken.used_at.is_(None)).values(used_at=utcnow())
         )
         if res.rowcount != 1:  # type: ignore[attr-defined]
-            await s.execute(
-                update(ApiToken)
-                .where(ApiToken.family_id == row.family_id, ApiToken.revoked_at.is_(None))
-                .values(revoked_at=utcnow())
-            )
+            await _revoke_family(s, row.family_id)
             await s.commit()
             await access_cache(ctx).bump()
             raise RefreshReuse(row.user_id, row.family_id)
@@ -614,6 +610,15 @@ async def refresh(ctx: Any, refresh_token: str) -> tuple[Session, User]:
         return session, user
 
 
+async def _revoke_family(s: Any, family: str) -> None:
+    """Revoke every token of one login (its refresh family: refresh and access tokens), uncommitted."""
+    await s.execute(
+        update(ApiToken)
+        .where(ApiToken.family_id == family, ApiToken.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    )
+
+
 async def logout(ctx: Any, principal: Principal, refresh_token: str | None) -> None:
     """End a login: revoke the refresh family of ``refresh_token`` (or of the calling access token)."""
     async with ctx.db.session() as s:
@@ -623,11 +628,7 @@ async def logout(ctx: Any, principal: Principal, refresh_token: str | None) -> N
             if row is not None and row.user_id == principal.user_id:
                 family = row.family_id
         if family:
-            await s.execute(
-                update(ApiToken)
-                .where(ApiToken.family_id == family, ApiToken.revoked_at.is_(None))
-                .values(revoked_at=utcnow())
-            )
+            await _revoke_family(s, family)
             await s.commit()
             await access_cache(ctx).bump()
 
@@ -649,11 +650,7 @@ async def logout_refresh(ctx: Any, refresh_token: str) -> tuple[str | None, str 
         if row is None or not row.family_id:
             return None, None
         user_id, family = row.user_id, row.family_id
-        await s.execute(
-            update(ApiToken)
-            .where(ApiToken.family_id == family, ApiToken.revoked_at.is_(None))
-            .values(revoked_at=utcnow())
-        )
+        await _revoke_family(s, family)
         await s.commit()
     await access_cache(ctx).bump()
     return user_id, family
