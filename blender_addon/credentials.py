@@ -20,17 +20,27 @@ class TokenStore:
     """``{server_url: {"token", "token_id", "username", "expires_at"}}`` in ``folder/credentials.json``
     (mode 0600, written atomically)."""
 
+    _cache: dict[Path, tuple[int, dict[str, dict[str, Any]]]] = {}
+    """Parsed files by path, with the mtime (ns) they were read at: the panel asks on every redraw."""
+
     def __init__(self, folder: Path) -> None:
         self.path = Path(folder) / FILENAME
 
     def _load(self) -> dict[str, dict[str, Any]]:
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+            mtime = self.path.stat().st_mtime_ns
+        except OSError:
             return {}
+        cached = self._cache.get(self.path)
+        if cached and cached[0] == mtime:
+            return {k: dict(v) for k, v in cached[1].items()}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}  # unreadable or damaged: as if logged out (a login rewrites it)
-        return data if isinstance(data, dict) else {}
+        data = data if isinstance(data, dict) else {}
+        self._cache[self.path] = (mtime, data)
+        return {k: dict(v) for k, v in data.items() if isinstance(v, dict)}
 
     def get(self, server: str) -> dict[str, Any] | None:
         """The stored entry for ``server`` (a normalised URL), or ``None``."""
