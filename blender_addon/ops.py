@@ -72,7 +72,7 @@ def _client(context: bpy.types.Context) -> FarmClient:
 
 
 def _fail(op: bpy.types.Operator, exc: FarmError | str) -> set[OperatorReturnItems]:
-    text = worker._farm_message(exc) if isinstance(exc, FarmError) else exc
+    text = worker.farm_message(exc) if isinstance(exc, FarmError) else exc
     if isinstance(exc, FarmError) and exc.kind == "auth":
         FARM.auth_error = text
     op.report({"ERROR"}, text)
@@ -111,7 +111,7 @@ def watch_job(context: bpy.types.Context, job_id: str) -> None:
     try:
         client = _client(context)
     except FarmError as exc:
-        FARM.view(job_id).error = worker._farm_message(exc)
+        FARM.view(job_id).error = worker.farm_message(exc)
         return
     prune_thumbnails()
     stop = threading.Event()
@@ -324,7 +324,7 @@ def _test_connection(server: str, token: str | None) -> tuple[str, str, list[str
         projects = [str(p["name"]) for p in me.get("projects") or []]
         me["username"]
     except FarmError as exc:
-        return worker._farm_message(exc), "ERROR", None, exc.kind == "auth"
+        return worker.farm_message(exc), "ERROR", None, exc.kind == "auth"
     except (KeyError, TypeError, AttributeError):
         return f"{server} does not answer like a renderfarm server", "ERROR", None, False
     return (
@@ -720,7 +720,7 @@ def _cancel(client: FarmClient, job_id: str, notify: Callable[..., None]) -> Non
     try:
         notify(_cancelled, job_id, client.cancel(job_id), "", "")
     except FarmError as exc:
-        notify(_cancelled, job_id, None, worker._farm_message(exc), exc.kind)
+        notify(_cancelled, job_id, None, worker.farm_message(exc), exc.kind)
 
 
 class RENDERFARM_OT_cancel_job(bpy.types.Operator):
@@ -775,7 +775,7 @@ def _download(client: FarmClient, job_id: str, dest: Path, frames: set[int] | No
     try:
         worker.download(client, job_id, dest, post, frames)
     except FarmError as exc:
-        post(_download_failed, job_id, f"Download failed: {worker._farm_message(exc)}", exc.kind)
+        post(_download_failed, job_id, f"Download failed: {worker.farm_message(exc)}", exc.kind)
         return
     except OSError as exc:
         post(_download_failed, job_id, f"Download failed: cannot write {dest}: {exc}", "")

@@ -132,7 +132,7 @@ def submit(sub: Submission, p: SubmitParams, notify: Notify) -> None:
         if exc.kind == "canceled":
             notify(_failed, sub, "canceled", "", "Submission canceled; nothing was submitted", [])
         else:
-            notify(_failed, sub, "failed", exc.kind, _farm_message(exc), [])
+            notify(_failed, sub, "failed", exc.kind, farm_message(exc), [])
     except Exception as exc:  # a worker thread must always report back
         notify(_failed, sub, "failed", "bug", f"the submission failed: {type(exc).__name__}: {exc}", [])
     finally:
@@ -208,7 +208,9 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
-def _farm_message(exc: FarmError) -> str:
+def farm_message(exc: FarmError) -> str:
+    """``exc`` worded for the artist: what to do about a refused login, the farm's refusal with its
+    field, or the message as it is."""
     if exc.kind == "invalid":
         return str(exc)[:1].upper() + str(exc)[1:]
     if exc.kind == "auth" and str(exc).startswith("not logged in"):
@@ -263,8 +265,11 @@ def poll_once(client: FarmClient, view_id: str, seen: set[int], thumb_dir: Path,
     """
     summary = client.job(view_id)
     tasks = client.tasks(view_id)
-    outputs = client.outputs(view_id)
-    stored = {int(o["frame"]) for o in outputs}
+    if int(summary.get("frames_done") or 0) == len(seen) and seen:  # no new frame: its list is as known
+        outputs, stored = [], set(seen)
+    else:
+        outputs = client.outputs(view_id)
+        stored = {int(o["frame"]) for o in outputs}
     new = sorted(stored - seen)
     seen |= stored
     thumb = None
@@ -350,7 +355,7 @@ def watch(
             if poll_once(client, job_id, seen, thumb_dir, notify):
                 return
         except FarmError as exc:
-            notify(_job_error, job_id, exc.kind, _farm_message(exc))
+            notify(_job_error, job_id, exc.kind, farm_message(exc))
             if exc.kind == "auth" or exc.status == 404:
                 return
         except Exception as exc:
@@ -436,7 +441,7 @@ def recent_jobs(client: FarmClient, notify: Notify, limit: int = 8) -> None:
     try:
         jobs = client.jobs(limit=limit, mine=True)
     except FarmError as exc:
-        notify(_recent, [], _farm_message(exc), exc.kind)
+        notify(_recent, [], farm_message(exc), exc.kind)
         return
     notify(_recent, jobs, "", "")
 
