@@ -598,16 +598,26 @@ function modelForm(out, model) {
 async function nodesPage(m) {
   const holder = el("div");
   m.append(el("h1", { text: "Nodes" }), holder);
-  const draw = async () => {
-    const agents = (await api("GET", "/api/agents")).agents;
-    // each job's summary names the agents blocklisted for it: gathered here per agent
-    const blocked = new Map();
-    for (const j of (await api("GET", "/api/jobs?limit=500")).jobs) {
-      for (const name of j.blocklist || []) {
-        if (!blocked.has(name)) blocked.set(name, []);
-        blocked.get(name).push(j);
+  // each unfinished job's summary names the agents blocklisted for it: gathered per agent, and
+  // fetched every 30 s at most (the agents' own state is redrawn every 5 s)
+  let blocked = new Map();
+  let blockedAt = 0;
+  const loadBlocked = async () => {
+    const next = new Map();
+    for (const state of ["running", "queued"]) {
+      for (const j of (await api("GET", `/api/jobs?state=${state}&limit=200`)).jobs) {
+        for (const name of j.blocklist || []) {
+          if (!next.has(name)) next.set(name, []);
+          next.get(name).push(j);
+        }
       }
     }
+    blocked = next;
+    blockedAt = Date.now();
+  };
+  const draw = async () => {
+    const agents = (await api("GET", "/api/agents")).agents;
+    if (Date.now() - blockedAt > 30000) await loadBlocked();
     const blockCell = (name) => {
       const js = blocked.get(name) || [];
       if (!js.length) return "-";
